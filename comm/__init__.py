@@ -1,0 +1,1 @@
+"""Moving tokens between EP ranks: topology, primitives, dispatchers, counters."""

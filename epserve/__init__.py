@@ -1,0 +1,1 @@
+"""epserve: expert-parallel serving of Mixture-of-Experts models."""

@@ -1,0 +1,1 @@
+"""Batching, KV cache, the lockstep step loop and routing-trace recording."""

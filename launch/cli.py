@@ -1,0 +1,48 @@
+"""The ``epserve`` console script.
+
+    argv --> argparse (one sub-command per module in COMMAND_MODULES) --> command function
+         --> InputError: one line on stderr, exit status 2, nothing written
+
+Each command module defines ``register(subparsers)``, which adds its sub-commands and sets ``func`` on them;
+``func(args) -> int`` returns the exit status. Reading environment variables happens in launch/ only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from placement.errors import InputError
+
+COMMAND_MODULES = (
+    "launch.place_cmd",      # place, simulate
+    "launch.serve_cmd",      # serve
+    "launch.offline_cmd",    # trace, batch
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:  # a part not built yet; removed once all exist
+            continue
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"epserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
