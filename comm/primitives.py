@@ -1,0 +1,106 @@
+"""Collectives over an EP group, each one counted in CommCounters.
+
+    exchange_counts:  [G, C] int64 per rank --all_to_all_single (equal splits)--> [G, C] from every rank
+    all_to_all_rows:  rows grouped by destination + split sizes --all_to_all_single (uneven)--> rows by source
+    all_gather_rows:  [N, ...] per rank (same N everywhere) --all_gather_into_tensor--> [G, N, ...]
+    all_gather_varlen [N_r, ...] per rank --counts, pad to max, gather, trim--> list of G tensors
+
+Uneven all-to-alls always take their receive split sizes from a counts exchange (or from metadata every
+receiver already holds): under gloo, a receiver that expects other sizes than were sent is killed (SIGABRT),
+so callers never guess. At world size 1 nothing is called and nothing is counted.
+
+Legend: G ranks, C counts per rank pair, N rows, B bytes per row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from comm.counters import CollKind, CommCounters
+from comm.topology import EPTopology
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Collectives:
+    topology: EPTopology
+    counters: CommCounters
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    def exchange_counts(self, send_GC: torch.Tensor, *, phase: str, layer: int | None) -> torch.Tensor:
+        """Row g of ``send_GC`` goes to rank g; row s of the result came from rank s. int64, [G, C]."""
+        G = self.world_size
+        if send_GC.shape[0] != G or send_GC.dtype != torch.int64:
+            raise ValueError(f"counts must be int64 [{G}, C], got {send_GC.dtype} {tuple(send_GC.shape)}")
+        if G == 1:
+            return send_GC.clone()
+        send_GC = send_GC.to(self.topology.device).contiguous()
+        recv_GC = torch.empty_like(send_GC)
+        dist.all_to_all_single(recv_GC, send_GC, group=self.topology.group)
+        per_peer = send_GC.shape[1] * send_GC.element_size()
+        self.counters.record(CollKind.A2A_SPLITS, phase=phase, layer=layer, rows=G - 1,
+                             wire_bytes=(G - 1) * per_peer)
+        return recv_GC
+
+    def all_to_all_rows(self, send_NB: torch.Tensor, send_counts: list[int], recv_counts: list[int], *,
+                        kind: CollKind, phase: str, layer: int | None, payload_bytes_per_row: int,
+                        rows_per_send_row: int = 1, async_op: bool = False):
+        """Send rows ``send_NB`` grouped by destination (``send_counts[g]`` rows to rank g) and receive
+        ``recv_counts[s]`` rows from each rank s. Returns ``(recv_MB, work)``; ``work`` is None unless
+        ``async_op`` (then the caller must ``work.wait()`` before reading ``recv_MB``).
+
+        Counted: rows sent to other ranks x ``rows_per_send_row`` (e.g. attention layers packed in one row).
+        """
+        G, me = self.world_size, self.rank
+        if len(send_counts) != G or len(recv_counts) != G or sum(send_counts) != send_NB.shape[0]:
+            raise ValueError(f"rank {me}: {send_NB.shape[0]} rows do not match send counts {send_counts}")
+        recv_shape = (sum(recv_counts),) + tuple(send_NB.shape[1:])
+        if G == 1:
+            return send_NB.clone().reshape(recv_shape), None
+        send_NB = send_NB.contiguous()
+        recv_MB = torch.empty(recv_shape, dtype=send_NB.dtype, device=send_NB.device)
+        work = dist.all_to_all_single(recv_MB, send_NB, list(recv_counts), list(send_counts),
+                                      group=self.topology.group, async_op=async_op)
+        out_rows = sum(send_counts) - send_counts[me]
+        row_bytes = math.prod(send_NB.shape[1:]) * send_NB.element_size()
+        self.counters.record(kind, phase=phase, layer=layer, rows=out_rows * rows_per_send_row,
+                             payload_bytes=out_rows * payload_bytes_per_row, wire_bytes=out_rows * row_bytes)
+        return recv_MB, work
+
+    def all_gather_rows(self, x_NX: torch.Tensor, *, phase: str, layer: int | None = None) -> torch.Tensor:
+        """[N, ...] from every rank (the same N everywhere) -> [G, N, ...]."""
+        G = self.world_size
+        if G == 1:
+            return x_NX.unsqueeze(0).clone()
+        x_NX = x_NX.contiguous()
+        out = torch.empty((G * x_NX.shape[0],) + tuple(x_NX.shape[1:]), dtype=x_NX.dtype, device=x_NX.device)
+        _all_gather_single(out, x_NX, group=self.topology.group)
+        out = out.view((G,) + tuple(x_NX.shape))
+        nbytes = x_NX.numel() * x_NX.element_size()
+        self.counters.record(CollKind.ALL_GATHER, phase=phase, layer=layer, rows=(G - 1) * x_NX.shape[0],
+                             payload_bytes=(G - 1) * nbytes, wire_bytes=(G - 1) * nbytes)
+        return out
+
+    def all_gather_varlen(self, x_NX: torch.Tensor, *, phase: str) -> list[torch.Tensor]:
+        """[N_r, ...] from every rank r (N_r may differ) -> list of G tensors (pads to the largest N)."""
+        if self.world_size == 1:
+            return [x_NX.clone()]
+        n_G = self.all_gather_rows(torch.tensor([x_NX.shape[0]], dtype=torch.int64, device=x_NX.device),
+                                   phase=phase + "_counts")
+        n_list = n_G.flatten().tolist()  # host sync (off the hot path: recorder / tests)
+        padded = torch.zeros((max(n_list),) + tuple(x_NX.shape[1:]), dtype=x_NX.dtype, device=x_NX.device)
+        padded[: x_NX.shape[0]] = x_NX
+        out = self.all_gather_rows(padded, phase=phase)
+        return [out[g, :n] for g, n in enumerate(n_list)]
