@@ -83,3 +83,5 @@ class StepPlan:
 class StepResult:
     step: int
     next_token_ids: dict[int, int] = field(default_factory=dict)  # seq_id -> sampled id (sample=True only)
+    # Tests only (Runner.execute(return_logits=True)): seq_id -> logits of the step's last token, [V] tensor.
+    last_logits: dict | None = None

@@ -1,0 +1,78 @@
+"""build_runner: checkpoint + topology + strategy + placement --> this rank's Runner.
+
+    config.json --> placement (given, or contiguous) checked against the model and the world size
+        --> load_model(experts = this rank's experts only) --> dispatcher (factory, by Strategy)
+        --> KV store (replicated under coherent strategies) --> Runner
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from comm.counters import CommCounters
+from comm.dispatchers import make_dispatcher
+from comm.primitives import Collectives
+from comm.strategy import Strategy
+from comm.topology import EPTopology
+from epserve.engine.kv_cache import KVCacheConfig, KVStore
+from epserve.engine.recorder import RoutingRecorder
+from epserve.engine.runner import Runner
+from epserve.model.config import ModelConfig
+from epserve.model.loader import load_model
+from placement.errors import InputError, PlacementError
+from placement.placement import Placement, contiguous_placement
+
+
+def check_placement(placement: Placement | None, config: ModelConfig, topology: EPTopology) -> Placement:
+    """The placement to run (contiguous when None), refused by name if it does not fit."""
+    if placement is None:
+        return contiguous_placement(config.num_moe_layers, config.num_experts, topology.cluster())
+    placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts, what="the model")
+    if placement.num_gpus != topology.world_size:
+        raise PlacementError(f"placement is for {placement.num_gpus} GPUs, but the EP group has "
+                             f"{topology.world_size} ranks")
+    return placement
+
+
+def load_predictor(path: str | Path | None, strategy: Strategy, placement: Placement):
+    if not strategy.needs_predictor:
+        return None
+    if path is None:
+        raise InputError(f"strategy {strategy.value} needs a predictor file (--predictor)")
+    from placement.predictor import SpeculativePredictor
+    predictor = SpeculativePredictor.load(path)
+    predictor.check_fits(placement)
+    return predictor
+
+
+def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strategy,
+                 placement: Placement | None = None, predictor_path: str | Path | None = None,
+                 kv_cache_tokens: int = 8192, kv_block_size: int = 16, dtype: torch.dtype = torch.float32,
+                 record_tokens: int = 0, check_splits: bool = False) -> Runner:
+    """This rank's Runner. Reads only this rank's experts; ``kv_cache_tokens`` is the KV capacity of each
+    rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens."""
+    config = ModelConfig.from_dir(model_dir)
+    placement = check_placement(placement, config, topology)
+    mine_LX = placement.experts_on(topology.rank)
+    model, report = load_model(model_dir, experts={m: mine_LX[m].tolist() for m in range(config.num_moe_layers)},
+                               dtype=dtype, device=topology.device)
+    coll = Collectives(topology, CommCounters())
+    dispatcher = make_dispatcher(strategy, coll, torch.as_tensor(placement.expert_to_gpu_LE), top_k=config.top_k,
+                                 hidden_size=config.hidden_size, dtype=dtype,
+                                 predictor=load_predictor(predictor_path, strategy, placement),
+                                 check_splits=check_splits)
+    kv = KVStore(KVCacheConfig(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+                               head_dim=config.head_dim, capacity_tokens=kv_cache_tokens, block_size=kv_block_size,
+                               dtype=dtype),
+                 rank=topology.rank, world_size=topology.world_size, replicated=dispatcher.replicated_kv,
+                 device=topology.device)
+    recorder = None
+    if record_tokens > 0:
+        recorder = RoutingRecorder(max_tokens=record_tokens, num_moe_layers=config.num_moe_layers,
+                                   top_k=config.top_k, num_experts=config.num_experts,
+                                   meta={"model": str(model_dir), "moe_layers": list(config.moe_layer_ids),
+                                         "strategy": strategy.value})
+    return Runner(model=model, coll=coll, dispatcher=dispatcher, kv=kv, recorder=recorder, load_report=report,
+                  placement=placement)

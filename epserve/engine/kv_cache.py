@@ -1,0 +1,222 @@
+"""Paged KV cache: fixed-size blocks, a free list, a block table per sequence, accounting in bytes and tokens.
+
+    BlockLedger (metadata only, deterministic)      PagedKVCache (one rank's tensors)
+      reserve(step needs) -> all-or-nothing            ledger + k/v [layers, blocks*block_size, Hkv, d]
+      free(seq)                                        write(layer, slots, k, v) / read(layer, slots)
+      slots(seq, positions)
+
+The ledger is pure bookkeeping, so every rank can keep the ledger of every other rank (two_a2a: a sequence's
+KV lives on its home rank only) and every rank refuses a step that does not fit in the same way, before any
+collective runs. Under coherent EP every rank holds every sequence and all ledgers are the same.
+
+Legend: L attention layers, P slots (= blocks x block_size), S slots read, T tokens, Hkv kv heads, d head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCacheFullError(RuntimeError):
+    """A step needs more KV blocks than a rank has free (the scheduler should have checked kv_stats)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCacheConfig:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    capacity_tokens: int
+    block_size: int = 16
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "capacity_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"kv cache {name} must be a positive integer, got {value!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.capacity_tokens // self.block_size)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token at every attention layer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+class BlockLedger:
+    """Which blocks each sequence owns on one rank. Blocks are handed out lowest id first."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest id
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+
+    def length(self, seq_id: int) -> int:
+        return self._lengths.get(seq_id, 0)
+
+    def holds(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
+    def blocks_needed(self, seq_id: int, new_length: int) -> int:
+        have = len(self._tables.get(seq_id, ()))
+        return max(0, -(-new_length // self.block_size) - have)
+
+    def check(self, lengths: Mapping[int, int], *, where: str) -> None:
+        """Raise KVCacheFullError unless every sequence can grow to ``lengths[seq_id]`` tokens."""
+        need = sum(self.blocks_needed(s, n) for s, n in lengths.items())
+        if need > len(self._free):
+            raise KVCacheFullError(f"KV cache full on {where}: the step needs {need} more blocks of "
+                                   f"{self.block_size} tokens, {len(self._free)} of {self.num_blocks} are free")
+
+    def reserve(self, lengths: Mapping[int, int], *, where: str) -> None:
+        """Grow each sequence to hold ``lengths[seq_id]`` tokens; all or nothing."""
+        self.check(lengths, where=where)
+        for s, n in lengths.items():
+            table = self._tables.setdefault(s, [])
+            for _ in range(self.blocks_needed(s, n)):
+                table.append(self._free.pop())
+            self._lengths[s] = max(self._lengths.get(s, 0), n)
+
+    def free(self, seq_id: int) -> None:
+        for block in reversed(self._tables.pop(seq_id, [])):
+            self._free.append(block)
+        self._free.sort(reverse=True)
+        self._lengths.pop(seq_id, None)
+
+    def slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot index of each position of a sequence (positions must be reserved)."""
+        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
+        positions = positions.to(torch.long).cpu()
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(self._lengths.values())
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._tables)
+
+
+class PagedKVCache:
+    """One rank's K/V tensors for every attention layer, addressed by slot."""
+
+    def __init__(self, config: KVCacheConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.ledger = BlockLedger(config.num_blocks, config.block_size)
+        shape = (config.num_layers, config.num_blocks * config.block_size, config.num_kv_heads, config.head_dim)
+        self.k_LPHd = torch.zeros(shape, dtype=config.dtype, device=device)
+        self.v_LPHd = torch.zeros(shape, dtype=config.dtype, device=device)
+
+    def write(self, layer: int, slots_T: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> None:
+        slots_T = slots_T.to(self.k_LPHd.device)
+        self.k_LPHd[layer, slots_T] = k_THd.to(self.config.dtype)
+        self.v_LPHd[layer, slots_T] = v_THd.to(self.config.dtype)
+
+    def read(self, layer: int, slots_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots_S = slots_S.to(self.k_LPHd.device)
+        return self.k_LPHd[layer, slots_S], self.v_LPHd[layer, slots_S]
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.k_LPHd.numel() * self.k_LPHd.element_size() * 2
+
+    @property
+    def used_bytes(self) -> int:
+        return self.ledger.used_blocks * self.config.block_size * self.config.bytes_per_token
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankKVStats:
+    rank: int
+    num_blocks: int
+    used_blocks: int
+    capacity_tokens: int
+    used_tokens: int
+    capacity_bytes: int
+    used_bytes: int
+    sequences: int
+
+    @property
+    def free_tokens(self) -> int:
+        """Tokens that still fit in whole free blocks."""
+        return (self.num_blocks - self.used_blocks) * (self.capacity_tokens // self.num_blocks)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVStats:
+    replicated: bool        # coherent EP: every rank holds the KV of every sequence
+    block_size: int
+    bytes_per_token: int    # K and V of one token at every attention layer
+    per_rank: tuple[RankKVStats, ...]
+
+
+class KVStore:
+    """This rank's cache plus the block ledgers of every rank of the group (metadata), so every rank can
+    answer for every other and refuse an oversized step identically."""
+
+    def __init__(self, config: KVCacheConfig, *, rank: int, world_size: int, replicated: bool,
+                 device: torch.device | str = "cpu") -> None:
+        self.config, self.rank, self.replicated = config, rank, replicated
+        self.cache = PagedKVCache(config, device)
+        self.ledgers = [self.cache.ledger if (replicated or g == rank) else
+                        BlockLedger(config.num_blocks, config.block_size) for g in range(world_size)]
+
+    def _ledger(self, home_rank: int) -> BlockLedger:
+        return self.cache.ledger if self.replicated else self.ledgers[home_rank]
+
+    def release(self, seq_ids) -> None:
+        for ledger in {id(x): x for x in self.ledgers}.values():
+            for s in seq_ids:
+                ledger.free(s)
+
+    def reserve_step(self, works) -> dict[int, torch.Tensor]:
+        """Reserve room for the tokens of every SeqWork (all or nothing, on every ledger); returns the slots of
+        the sequences whose KV this rank holds: seq_id -> [n] slots of the step's new positions."""
+        grow: dict[int, dict[int, int]] = {}
+        for w in works:
+            owner = 0 if self.replicated else w.home_rank
+            ledger = self._ledger(w.home_rank)
+            if ledger.length(w.seq_id) != w.start_pos:
+                raise ValueError(f"seq {w.seq_id}: the plan feeds positions from {w.start_pos}, but the KV cache "
+                                 f"of rank {owner} holds {ledger.length(w.seq_id)} of them")
+            if not self.replicated and any(g != owner and x.holds(w.seq_id) for g, x in enumerate(self.ledgers)):
+                raise ValueError(f"seq {w.seq_id}: home rank changed to {owner} while its KV lives elsewhere")
+            grow.setdefault(owner, {})[w.seq_id] = w.start_pos + len(w.token_ids)
+        for owner, lengths in grow.items():
+            self._ledger(owner).check(lengths, where="every rank" if self.replicated else f"rank {owner}")
+        for owner, lengths in grow.items():
+            self._ledger(owner).reserve(lengths, where=f"rank {owner}")
+        mine = self.cache.ledger
+        return {w.seq_id: mine.slots(w.seq_id, torch.arange(w.start_pos, w.start_pos + len(w.token_ids)))
+                for w in works if self.replicated or w.home_rank == self.rank}
+
+    def key_index(self, seq_U: list[int], upto_U: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slots, positions and sequence ids of positions [0, upto) of each sequence (keys for attention)."""
+        ledger = self.cache.ledger
+        pos = [torch.arange(n) for n in upto_U]
+        slots_S = torch.cat([ledger.slots(s, p) for s, p in zip(seq_U, pos)]) if pos else torch.zeros(0, dtype=torch.long)
+        pos_S = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
+        seq_S = torch.repeat_interleave(torch.tensor(seq_U, dtype=torch.long), torch.tensor(upto_U, dtype=torch.long))
+        return slots_S, pos_S, seq_S
+
+    def stats(self) -> KVStats:
+        c = self.config
+        per_rank = tuple(RankKVStats(rank=g, num_blocks=x.num_blocks, used_blocks=x.used_blocks,
+                                     capacity_tokens=x.num_blocks * x.block_size, used_tokens=x.used_tokens,
+                                     capacity_bytes=x.num_blocks * x.block_size * c.bytes_per_token,
+                                     used_bytes=x.used_blocks * x.block_size * c.bytes_per_token,
+                                     sequences=x.num_sequences) for g, x in enumerate(self.ledgers))
+        return KVStats(replicated=self.replicated, block_size=c.block_size, bytes_per_token=c.bytes_per_token,
+                       per_rank=per_rank)

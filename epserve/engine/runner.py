@@ -1,0 +1,220 @@
+"""Runner: one rank's step executor. Every rank runs ``execute(plan)`` on the same plan, in lockstep.
+
+    StepPlan --StepBatch (token metadata, identical on every rank)--> flush K/V copies, free released KV,
+             reserve KV for the new positions (refused identically on every rank when full)
+      --> start rank of every token (dispatcher policy) --> embed the tokens that start here
+      --> for each decoder layer, on the tokens held here:
+            wait for the K/V copies this layer reads (coherent)
+            attention over the paged cache (their own new K/V written first)
+            dense layer:  x += mlp(post_attn_norm(x))
+            MoE layer:    router --> dispatch (counts carry the K/V row counts) --> launch K/V copies
+                          --> experts on the rows received --> combine --> tokens now held on their anchor
+      --> norm + lm_head + sampling where each sequence's last token ended
+      --> all-gather of sampled ids (+ K/V row counts of the trailing layers) --> StepResult on every rank
+
+Legend: T step tokens, N tokens held here, M rows computed here, A tokens anchored here, W work items,
+D hidden, K top-k, V vocab, S cache keys, Hkv kv heads, d head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from comm.dispatchers import Dispatcher
+from comm.primitives import Collectives
+from epserve.engine.kv_cache import KVStats, KVStore
+from epserve.engine.kv_coherence import KVCoherence
+from epserve.engine.plan import StepPlan, StepResult
+from epserve.engine.recorder import RoutingRecorder
+from epserve.engine.sampling import sample_rows
+from epserve.engine.step_batch import StepBatch
+from epserve.model.layers import attend
+from epserve.model.model import MoEModel
+
+NOT_HERE, HERE_UNSAMPLED = -1, -2   # entries of the sampled-id gather
+
+
+def kv_groups(num_layers: int, moe_layer_ids: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Runs of decoder layers during which no token moves: each ends at a MoE layer; a last run holds the
+    layers after the last MoE layer (if any)."""
+    groups, start = [], 0
+    for layer in moe_layer_ids:
+        groups.append(tuple(range(start, layer + 1)))
+        start = layer + 1
+    if start < num_layers:
+        groups.append(tuple(range(start, num_layers)))
+    return groups
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Tokens held on this rank, by step-local index (ascending), with their hidden states."""
+
+    token_N: torch.Tensor
+    x_ND: torch.Tensor
+
+
+class Runner:
+    def __init__(self, *, model: MoEModel, coll: Collectives, dispatcher: Dispatcher, kv: KVStore,
+                 recorder: RoutingRecorder | None = None, load_report=None, placement=None) -> None:
+        config = model.config
+        self.model, self.coll, self.dispatcher, self.kv = model, coll, dispatcher, kv
+        self.recorder, self.load_report, self.placement = recorder, load_report, placement
+        self.topology = coll.topology
+        self.counters = coll.counters
+        self.groups = kv_groups(config.num_layers, config.moe_layer_ids)
+        self._group_of_layer = {l: g for g, layers in enumerate(self.groups) for l in layers}
+        self._trailing_group = len(config.moe_layer_ids) if len(self.groups) > len(config.moe_layer_ids) else None
+        self.coherence = KVCoherence(coll, kv.cache, self.groups) if dispatcher.replicated_kv else None
+        self._prev_rank: dict[int, int] = {}   # seq_id -> rank where its last decode token was sampled
+
+    # ---- queries for the scheduler --------------------------------------------------------------------
+    @property
+    def strategy(self):
+        return self.dispatcher.strategy
+
+    def kv_stats(self) -> KVStats:
+        return self.kv.stats()
+
+    def preferred_home_rank(self, prompt_ids) -> int | None:
+        """speculative_two_a2a: the rank the prompt is predicted to use most; None for other strategies."""
+        return self.dispatcher.preferred_home_rank(prompt_ids)
+
+    # ---- the step --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, *, return_logits: bool = False) -> StepResult:
+        if plan.release:
+            if self.coherence is not None:
+                self.coherence.flush()   # copies in flight may target blocks about to be freed
+            self.kv.release(plan.release)
+            for s in plan.release:
+                self._prev_rank.pop(s, None)
+        if not plan.work:
+            return StepResult(step=plan.step)
+        batch = StepBatch.from_plan(plan, world_size=self.topology.world_size,
+                                    vocab_size=self.model.config.vocab_size)
+        new_slots = self.kv.reserve_step(plan.work)
+        slot_T = self._slot_T(batch, new_slots)
+        if self.recorder is not None:
+            self.recorder.begin_step(batch)
+        held = self._start(batch)
+        for layer in self.model.layers:
+            held = self._layer(layer, batch, held, slot_T)
+        return self._finish(batch, held, slot_T, return_logits)
+
+    def _slot_T(self, batch: StepBatch, new_slots: dict[int, torch.Tensor]) -> torch.Tensor:
+        slot_T = torch.full((batch.num_tokens,), -1, dtype=torch.long)
+        for w, work in enumerate(batch.plan.work):
+            if work.seq_id in new_slots:
+                slot_T[torch.as_tensor(batch.work_T == w)] = new_slots[work.seq_id]
+        return slot_T
+
+    def _start(self, batch: StepBatch) -> _Held:
+        prev_T = np.array([self._prev_rank.get(int(s), -1) for s in batch.seq_T], dtype=np.int64)
+        start_T = self.dispatcher.start_ranks_T(home_T=batch.home_T, prev_rank_T=prev_T,
+                                                is_prefill_T=batch.is_prefill_T, token_ids_T=batch.token_T)
+        token_N = torch.as_tensor(np.flatnonzero(start_T == self.topology.rank), dtype=torch.long)
+        ids_N = torch.as_tensor(batch.token_T, device=self.topology.device)[token_N.to(self.topology.device)]
+        return _Held(token_N, self.model.embed_tokens(ids_N))
+
+    def _layer(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor) -> _Held:
+        group = self._group_of_layer[layer.layer]
+        if self.coherence is not None and layer.layer == self.groups[group][0]:
+            self.coherence.wait(group)
+        x_ND = held.x_ND + self._attention(layer, batch, held, slot_T)
+        if layer.moe_index is None:
+            return _Held(held.token_N, x_ND + layer.mlp(layer.post_attn_norm(x_ND)))
+        return self._moe(layer, batch, _Held(held.token_N, x_ND), slot_T, group)
+
+    def _attention(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor) -> torch.Tensor:
+        dev = self.topology.device
+        t_N = held.token_N
+        pos_N = torch.as_tensor(batch.pos_T)[t_N]
+        seq_N = torch.as_tensor(batch.seq_T)[t_N]
+        q_NHd, k_NHd, v_NHd = layer.attn.project_qkv(layer.input_norm(held.x_ND), pos_N.to(dev))
+        self.kv.cache.write(layer.layer, slot_T[t_N], k_NHd, v_NHd)
+        seq_U, upto_U = self._key_spans(seq_N, pos_N)
+        slots_S, pos_S, kseq_S = self.kv.key_index(seq_U, upto_U)
+        k_SHd, v_SHd = self.kv.cache.read(layer.layer, slots_S)
+        o_NHd = attend(q_NHd, k_SHd, v_SHd, pos_N.to(dev), pos_S.to(dev), seq_N.to(dev), kseq_S.to(dev))
+        return layer.attn.output(o_NHd)
+
+    @staticmethod
+    def _key_spans(seq_N: torch.Tensor, pos_N: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Each sequence among the held tokens, and how many of its positions the keys span."""
+        upto: dict[int, int] = {}
+        for s, p in zip(seq_N.tolist(), pos_N.tolist()):  # host-side metadata (CPU tensors)
+            upto[s] = max(upto.get(s, 0), p + 1)
+        return list(upto), list(upto.values())
+
+    def _moe(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor, group: int) -> _Held:
+        mlp, m, dev = layer.mlp, layer.moe_index, self.topology.device
+        h_ND = layer.post_attn_norm(held.x_ND)
+        topk_w_NK, topk_ids_NK = mlp.router.route(h_ND)
+        if self.recorder is not None:
+            self.recorder.record(m, held.token_N, topk_ids_NK, topk_w_NK)
+        is_prefill_N = torch.as_tensor(batch.is_prefill_T)[held.token_N].to(dev)
+        side = (len(held.token_N),) if self.coherence is not None else ()
+        work, handle = self.dispatcher.dispatch(held.x_ND, held.token_N.to(dev), topk_ids_NK, topk_w_NK,
+                                                is_prefill_N, layer=m, step_has_prefill=batch.has_prefill,
+                                                side_counts=side)
+        if self.coherence is not None:
+            self.coherence.launch(group, held.token_N, handle.peer_side_counts_GC[:, 0].tolist(), slot_T,
+                                  moe_layer=m)
+        partial_MD = mlp.local_weighted_sum(layer.post_attn_norm(work.x_MD), work.topk_ids_MK,
+                                            work.topk_weights_MK, work.use_MK)
+        anchored = self.dispatcher.combine(partial_MD, handle)
+        y_AD = anchored.y_AD
+        shared_AD = mlp.shared_output(layer.post_attn_norm(anchored.x_AD))
+        if shared_AD is not None:
+            y_AD = y_AD + shared_AD
+        return _Held(anchored.token_A.cpu(), anchored.x_AD + y_AD)
+
+    def _finish(self, batch: StepBatch, held: _Held, slot_T: torch.Tensor, return_logits: bool) -> StepResult:
+        works, dev = batch.plan.work, self.topology.device
+        W = len(works)
+        row_of_token = {t: n for n, t in enumerate(held.token_N.tolist())}
+        mine_W = [w for w in range(W) if int(batch.last_W[w]) in row_of_token]
+        rows = torch.tensor([row_of_token[int(batch.last_W[w])] for w in mine_W], dtype=torch.long)
+        logits_RV = self.model.lm_head(self.model.norm(held.x_ND[rows.to(dev)]))
+        sample_W = [w for w in mine_W if works[w].sample]
+        sampled = sample_rows(logits_RV[[mine_W.index(w) for w in sample_W]],
+                              [works[w].sampling for w in sample_W],
+                              [int(batch.pos_T[batch.last_W[w]]) + 1 for w in sample_W])
+        mine_vec = torch.full((W + 1,), NOT_HERE, dtype=torch.int64)
+        mine_vec[mine_W] = HERE_UNSAMPLED
+        mine_vec[sample_W] = torch.tensor(sampled, dtype=torch.int64)
+        mine_vec[W] = len(held.token_N)   # K/V rows of the trailing layers computed here
+        gathered_GW = self.coll.all_gather_rows(mine_vec.to(dev), phase="sampled_ids").cpu()
+        holder_W = self._holders(gathered_GW[:, :W], batch.plan.step)
+        if self.coherence is not None and self._trailing_group is not None:
+            self.coherence.launch(self._trailing_group, held.token_N, gathered_GW[:, W].tolist(), slot_T,
+                                  moe_layer=None)
+        next_ids = {}
+        for w, work in enumerate(works):
+            value = int(gathered_GW[holder_W[w], w])
+            if work.sample:
+                next_ids[work.seq_id] = value
+            self._prev_rank[work.seq_id] = -1 if work.is_prefill else int(holder_W[w])
+        result = StepResult(step=batch.plan.step, next_token_ids=next_ids)
+        if return_logits:
+            result = replace(result, last_logits=self._gather_logits(logits_RV, mine_W, holder_W, works))
+        return result
+
+    @staticmethod
+    def _holders(gathered_GW: torch.Tensor, step: int) -> list[int]:
+        here_GW = gathered_GW != NOT_HERE
+        if not bool((here_GW.sum(0) == 1).all()):
+            raise RuntimeError(f"step {step}: a sequence's last token ended on {here_GW.sum(0).tolist()} ranks")
+        return here_GW.int().argmax(0).tolist()
+
+    def _gather_logits(self, logits_RV, mine_W, holder_W, works) -> dict[int, torch.Tensor]:
+        """Tests only: each sequence's last-token logits, on every rank."""
+        W, V = len(works), self.model.config.vocab_size
+        mine_WV = torch.zeros(W, V, dtype=logits_RV.dtype, device=logits_RV.device)
+        mine_WV[mine_W] = logits_RV
+        all_GWV = self.coll.all_gather_rows(mine_WV, phase="logits").cpu()
+        return {work.seq_id: all_GWV[holder_W[w], w].clone() for w, work in enumerate(works)}
