@@ -54,9 +54,8 @@ class KVCoherence:
         G, me = self.coll.world_size, self.coll.rank
         layers = self.groups[group]
         slots_N = slot_T[token_N]
-        kv = [t.reshape(len(token_N), -1) for l in layers for t in self.cache.read(l, slots_N)]
-        rows_NB = self._codecs[group].pack(self.cache.k_LPHd.device, token=token_N[:, None],
-                                           kv=torch.cat(kv, dim=1) if kv else torch.zeros(len(token_N), 0))
+        kv = [t.reshape(len(token_N), self._entry) for l in layers for t in self.cache.read(l, slots_N)]
+        rows_NB = self._codecs[group].pack(self.cache.k_LPHd.device, token=token_N[:, None], kv=torch.cat(kv, dim=1))
         send_counts = [0 if g == me else len(token_N) for g in range(G)]
         recv_counts = [0 if g == me else int(n) for g, n in enumerate(peer_rows)]
         send_SB = rows_NB.repeat(G - 1, 1) if G > 1 else rows_NB[:0]

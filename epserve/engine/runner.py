@@ -132,6 +132,8 @@ class Runner:
     def _attention(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor) -> torch.Tensor:
         dev = self.topology.device
         t_N = held.token_N
+        if len(t_N) == 0:
+            return torch.zeros_like(held.x_ND)
         pos_N = torch.as_tensor(batch.pos_T)[t_N]
         seq_N = torch.as_tensor(batch.seq_T)[t_N]
         q_NHd, k_NHd, v_NHd = layer.attn.project_qkv(layer.input_norm(held.x_ND), pos_N.to(dev))

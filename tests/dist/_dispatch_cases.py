@@ -1,0 +1,82 @@
+"""Rank-side code for tests/dist/test_comm_dispatch.py: dispatch + plain-torch experts + combine.
+
+Every rank builds the same global problem from a seed (tokens, routing, expert weights, start ranks), holds
+only the tokens that start on it, runs one MoE layer through a dispatcher, and returns what it anchored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from comm.counters import CommCounters
+from comm.dispatchers import make_dispatcher
+from comm.primitives import Collectives
+from comm.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    strategy: Strategy
+    tokens: int
+    experts: int
+    top_k: int
+    hidden: int = 8
+    seed: int = 0
+    skew_to_rank: int | None = None   # every token picks only experts living on this rank
+    empty_rank: int | None = None     # no token starts on this rank
+    prefill_every: int = 0            # every n-th token is a prefill token (0: none)
+
+
+def problem(case: Case, world_size: int):
+    """The global inputs, identical on every rank and in the test process."""
+    g = np.random.default_rng(case.seed)
+    T, E, K, D, G = case.tokens, case.experts, case.top_k, case.hidden, world_size
+    expert_to_rank_E = g.permutation(np.arange(E) // (E // G))
+    ids_TK = np.array([g.choice(E, size=K, replace=False) for _ in range(T)], dtype=np.int64).reshape(T, K)
+    if case.skew_to_rank is not None:
+        mine = np.flatnonzero(expert_to_rank_E == case.skew_to_rank)
+        ids_TK = np.array([g.choice(mine, size=K, replace=False) for _ in range(T)], dtype=np.int64).reshape(T, K)
+    w_TK = np.sort(g.random((T, K)).astype(np.float32), axis=1)[:, ::-1].copy()
+    start_T = g.integers(0, G, size=T)
+    if case.empty_rank is not None and G > 1:
+        start_T[start_T == case.empty_rank] = (case.empty_rank + 1) % G
+    prefill_T = np.zeros(T, dtype=bool)
+    if case.prefill_every:
+        prefill_T[:: case.prefill_every] = True
+    x_TD = g.standard_normal((T, D)).astype(np.float32)
+    w_EDD = (g.standard_normal((E, D, D)) / np.sqrt(D)).astype(np.float32)
+    return expert_to_rank_E, ids_TK, w_TK, start_T, prefill_T, x_TD, w_EDD
+
+
+def expert(w_DD: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x_ND @ w_DD)
+
+
+def run_cases(topology, cases: list[Case]) -> list[dict]:
+    out = []
+    for case in cases:
+        e2r_E, ids_TK, w_TK, start_T, prefill_T, x_TD, w_EDD = problem(case, topology.world_size)
+        counters = CommCounters()
+        coll = Collectives(topology, counters)
+        d = make_dispatcher(case.strategy, coll, torch.as_tensor(e2r_E)[None], top_k=case.top_k,
+                            hidden_size=case.hidden, dtype=torch.float32, check_splits=True)
+        held = np.flatnonzero(start_T == topology.rank)
+        t = torch.as_tensor
+        work, handle = d.dispatch(t(x_TD[held]), t(held), t(ids_TK[held]), t(w_TK[held]), t(prefill_T[held]),
+                                  layer=0, step_has_prefill=bool(prefill_T.any()))
+        partial_MD = torch.zeros_like(work.x_MD)
+        for k in range(case.top_k):
+            for m in range(work.x_MD.shape[0]):
+                if work.use_MK[m, k]:
+                    e = int(work.topk_ids_MK[m, k])
+                    partial_MD[m] += work.topk_weights_MK[m, k] * expert(t(w_EDD[e]), work.x_MD[m:m + 1])[0]
+        # every expert this rank was asked to run must live here, and each row names the right token
+        assert bool((t(e2r_E)[work.topk_ids_MK][work.use_MK] == topology.rank).all())
+        anchored = d.combine(partial_MD, handle)
+        out.append({"token": anchored.token_A.tolist(), "out": (anchored.x_AD + anchored.y_AD).numpy(),
+                    "counters": counters.to_rows()})
+    return out
