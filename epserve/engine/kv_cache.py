@@ -188,11 +188,11 @@ class KVStore:
         for w in works:
             owner = 0 if self.replicated else w.home_rank
             ledger = self._ledger(w.home_rank)
+            if not self.replicated and any(g != owner and x.holds(w.seq_id) for g, x in enumerate(self.ledgers)):
+                raise ValueError(f"seq {w.seq_id}: home rank changed to {owner} while its KV lives elsewhere")
             if ledger.length(w.seq_id) != w.start_pos:
                 raise ValueError(f"seq {w.seq_id}: the plan feeds positions from {w.start_pos}, but the KV cache "
                                  f"of rank {owner} holds {ledger.length(w.seq_id)} of them")
-            if not self.replicated and any(g != owner and x.holds(w.seq_id) for g, x in enumerate(self.ledgers)):
-                raise ValueError(f"seq {w.seq_id}: home rank changed to {owner} while its KV lives elsewhere")
             grow.setdefault(owner, {})[w.seq_id] = w.start_pos + len(w.token_ids)
         for owner, lengths in grow.items():
             self._ledger(owner).check(lengths, where="every rank" if self.replicated else f"rank {owner}")
