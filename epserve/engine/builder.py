@@ -16,6 +16,7 @@ from comm.dispatchers import make_dispatcher
 from comm.primitives import Collectives
 from comm.strategy import Strategy
 from comm.topology import EPTopology
+from epserve.engine.forced_routing import ForcedRouting
 from epserve.engine.kv_cache import KVCacheConfig, KVStore
 from epserve.engine.recorder import RoutingRecorder
 from epserve.engine.runner import Runner
@@ -50,9 +51,10 @@ def load_predictor(path: str | Path | None, strategy: Strategy, placement: Place
 def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strategy,
                  placement: Placement | None = None, predictor_path: str | Path | None = None,
                  kv_cache_tokens: int = 8192, kv_block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 record_tokens: int = 0, check_splits: bool = False) -> Runner:
+                 record_tokens: int = 0, check_splits: bool = False, forced_routing_trace=None) -> Runner:
     """This rank's Runner. Reads only this rank's experts; ``kv_cache_tokens`` is the KV capacity of each
-    rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens."""
+    rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens; ``forced_routing_trace``
+    (a RoutingTrace; benchmarks only) replaces the router's choices by the trace's."""
     config = ModelConfig.from_dir(model_dir)
     placement = check_placement(placement, config, topology)
     mine_LX = placement.experts_on(topology.rank)
@@ -74,5 +76,8 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
                                    top_k=config.top_k, num_experts=config.num_experts,
                                    meta={"model": str(model_dir), "moe_layers": list(config.moe_layer_ids),
                                          "strategy": strategy.value})
+    forced = None if forced_routing_trace is None else ForcedRouting(
+        forced_routing_trace, num_experts=config.num_experts, top_k=config.top_k,
+        num_moe_layers=config.num_moe_layers)
     return Runner(model=model, coll=coll, dispatcher=dispatcher, kv=kv, recorder=recorder, load_report=report,
-                  placement=placement)
+                  placement=placement, forced_routing=forced)

@@ -26,6 +26,7 @@ import torch
 from comm.dispatchers import Dispatcher
 from comm.primitives import Collectives
 from epserve.engine.kv_cache import KVStats, KVStore
+from epserve.engine.forced_routing import ForcedRouting
 from epserve.engine.kv_coherence import KVCoherence
 from epserve.engine.plan import StepPlan, StepResult
 from epserve.engine.recorder import RoutingRecorder
@@ -59,10 +60,12 @@ class _Held:
 
 class Runner:
     def __init__(self, *, model: MoEModel, coll: Collectives, dispatcher: Dispatcher, kv: KVStore,
-                 recorder: RoutingRecorder | None = None, load_report=None, placement=None) -> None:
+                 recorder: RoutingRecorder | None = None, load_report=None, placement=None,
+                 forced_routing: ForcedRouting | None = None) -> None:
         config = model.config
         self.model, self.coll, self.dispatcher, self.kv = model, coll, dispatcher, kv
         self.recorder, self.load_report, self.placement = recorder, load_report, placement
+        self.forced_routing = forced_routing   # benchmarks: routing replayed from a trace
         self.topology = coll.topology
         self.counters = coll.counters
         self.groups = kv_groups(config.num_layers, config.moe_layer_ids)
@@ -155,7 +158,12 @@ class Runner:
     def _moe(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor, group: int) -> _Held:
         mlp, m, dev = layer.mlp, layer.moe_index, self.topology.device
         h_ND = layer.post_attn_norm(held.x_ND)
-        topk_w_NK, topk_ids_NK = mlp.router.route(h_ND)
+        if self.forced_routing is None:
+            topk_w_NK, topk_ids_NK = mlp.router.route(h_ND)
+        else:
+            t_N = held.token_N
+            topk_w_NK, topk_ids_NK = self.forced_routing.route(m, torch.as_tensor(batch.seq_T)[t_N],
+                                                               torch.as_tensor(batch.pos_T)[t_N], dev)
         if self.recorder is not None:
             self.recorder.record(m, held.token_N, topk_ids_NK, topk_w_NK)
         is_prefill_N = torch.as_tensor(batch.is_prefill_T)[held.token_N].to(dev)

@@ -31,6 +31,26 @@ class Case:
     prefill_every: int = 0            # every n-th token is a prefill token (0: none)
 
 
+CASES = [
+    Case("two_a2a top2", Strategy.TWO_A2A, tokens=23, experts=8, top_k=2, seed=1),
+    Case("two_a2a top1", Strategy.TWO_A2A, tokens=17, experts=8, top_k=1, seed=2),
+    Case("coherent top1", Strategy.COHERENT, tokens=19, experts=8, top_k=1, seed=3),
+    Case("coherent top2 with prefill", Strategy.COHERENT, tokens=21, experts=8, top_k=2, seed=4, prefill_every=3),
+    Case("coherent top3", Strategy.COHERENT, tokens=16, experts=16, top_k=3, seed=5),
+    Case("coherent top1 with prefill", Strategy.COHERENT, tokens=12, experts=8, top_k=1, seed=6, prefill_every=2),
+    Case("two_a2a all to rank 0, rank 1 holds none", Strategy.TWO_A2A, tokens=14, experts=8, top_k=2, seed=7,
+         skew_to_rank=0, empty_rank=1),
+    Case("coherent all to last rank", Strategy.COHERENT, tokens=9, experts=8, top_k=2, seed=8, skew_to_rank=-1),
+    Case("no tokens at all", Strategy.COHERENT, tokens=0, experts=8, top_k=2, seed=9),
+]
+
+
+def dispatch_cases(G: int) -> list[Case]:
+    """Every case, with 'the last rank' made concrete for G ranks."""
+    fix = lambda c: c if c.skew_to_rank != -1 else Case(**{**c.__dict__, "skew_to_rank": G - 1})  # noqa: E731
+    return [fix(c) for c in CASES]
+
+
 def problem(case: Case, world_size: int):
     """The global inputs, identical on every rank and in the test process."""
     g = np.random.default_rng(case.seed)
@@ -56,7 +76,7 @@ def expert(w_DD: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x_ND @ w_DD)
 
 
-def run_cases(topology, cases: list[Case]) -> list[dict]:
+def run_dispatch_cases(topology, cases: list[Case]) -> list[dict]:
     out = []
     for case in cases:
         e2r_E, ids_TK, w_TK, start_T, prefill_T, x_TD, w_EDD = problem(case, topology.world_size)

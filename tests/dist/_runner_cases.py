@@ -15,7 +15,9 @@ import torch
 from comm.strategy import Strategy
 from epserve.engine.builder import build_runner
 from epserve.engine.generate import generate
+from epserve.model.config import ModelConfig
 from epserve.model.loader import load_model
+from placement.cluster import ClusterShape
 from placement.placement import Placement
 
 
@@ -34,7 +36,7 @@ class RunCase:
     extra: dict = field(default_factory=dict)
 
 
-def run_cases(topology, cases: list[RunCase]) -> list[dict]:
+def run_runner_cases(topology, cases: list[RunCase]) -> list[dict]:
     out = []
     for case in cases:
         runner = build_runner(case.ckpt, topology, strategy=case.strategy, placement=case.placement,
@@ -77,3 +79,51 @@ def reference_routing(ckpt: Path, prompts) -> list[np.ndarray]:
     routing = []
     model.forward_flat(ids, pos, seq, routing)
     return [r[0].numpy() for r in routing]
+
+
+PROMPTS = ((5, 6, 7, 8, 9, 10, 11), (12, 13), (3,), (40, 41, 42, 43, 44))
+NEW = 5
+STRATEGIES = (Strategy.TWO_A2A, Strategy.COHERENT)
+
+
+def random_placement(L: int, E: int, G: int, seed: int) -> Placement:
+    g = np.random.default_rng(seed)
+    rows = [g.permutation(np.arange(E) // (E // G)) for _ in range(L)]
+    return Placement(np.stack(rows), ClusterShape(gpus_per_node=G), solver={"name": "random", "seed": seed})
+
+
+def hot_rank_placement(routing_L, E: int, G: int) -> Placement:
+    """The E/G most used experts of each layer (by the prompts' routing) all on rank 0: uneven loads."""
+    rows = []
+    for ids_TK in routing_L:
+        order = np.argsort(-np.bincount(ids_TK.ravel(), minlength=E), kind="stable")
+        row = np.empty(E, dtype=np.int64)
+        row[order] = np.arange(E) // (E // G)
+        rows.append(row)
+    return Placement(np.stack(rows), ClusterShape(gpus_per_node=G), solver={"name": "hot_rank_0"})
+
+
+def runner_cases(models: dict, G: int) -> list[RunCase]:
+    """The lossless grid for G ranks (``models``: name -> checkpoint dir, see tests/dist/conftest.py)."""
+    cases = []
+    for name, ckpt in models.items():
+        if name == "qwen3_top2" and G != 2:
+            continue
+        cfg = ModelConfig.from_dir(ckpt)
+        L, E = cfg.num_moe_layers, cfg.num_experts
+        placements = {"contiguous": None, "random": random_placement(L, E, G, seed=G)}
+        if G > 1 and name == "mixtral_top2":
+            placements["hot_rank_0"] = hot_rank_placement(reference_routing(ckpt, PROMPTS), E, G)
+        for strategy in STRATEGIES:
+            for pname, placement in placements.items():
+                cases.append(RunCase(f"{name}/{strategy.value}/{pname}", ckpt, strategy, PROMPTS, NEW, placement))
+    top2, top1 = models["mixtral_top2"], models["mixtral_top1"]
+    for strategy in STRATEGIES:
+        # mixed steps: chunked prefill of later requests beside decode of earlier ones
+        cases.append(RunCase(f"mixtral_top2/{strategy.value}/chunked+staggered", top2, strategy, PROMPTS, NEW,
+                             prefill_chunk=3, stagger=2))
+        cases.append(RunCase(f"qwen2/{strategy.value}/chunked+staggered", models["qwen2_dense_shared"], strategy,
+                             PROMPTS, NEW, prefill_chunk=2, stagger=1))
+        # one sequence, top-1: every decode step leaves at least G - 2 ranks with no token at all
+        cases.append(RunCase(f"mixtral_top1/{strategy.value}/single", top1, strategy, PROMPTS[:1], NEW))
+    return cases

@@ -1,6 +1,6 @@
 """Dispatchers over real gloo ranks with plain torch experts, checked against a one-process sum.
 
-One spawned group per world size runs every case. Checks per case: each token ends on exactly the anchor
+One spawned group per world size runs every case (tests/dist/conftest.py). Checks per case: each token ends on exactly the anchor
 the policy names, its value equals x + sum_k w_k f_{e_k}(x), and the rows counted per kind equal the traffic
 model's |R \\ {c}| (dispatch) and |R \\ {a}| (combine).
 """
@@ -12,28 +12,7 @@ import pytest
 import torch
 
 from comm.counters import CollKind, CommCounters
-from comm.spawn import spawn_ranks
-from comm.strategy import Strategy
-from tests.dist._dispatch_cases import Case, expert, problem, run_cases
-
-CASES = [
-    Case("two_a2a top2", Strategy.TWO_A2A, tokens=23, experts=8, top_k=2, seed=1),
-    Case("two_a2a top1", Strategy.TWO_A2A, tokens=17, experts=8, top_k=1, seed=2),
-    Case("coherent top1", Strategy.COHERENT, tokens=19, experts=8, top_k=1, seed=3),
-    Case("coherent top2 with prefill", Strategy.COHERENT, tokens=21, experts=8, top_k=2, seed=4, prefill_every=3),
-    Case("coherent top3", Strategy.COHERENT, tokens=16, experts=16, top_k=3, seed=5),
-    Case("coherent top1 with prefill", Strategy.COHERENT, tokens=12, experts=8, top_k=1, seed=6, prefill_every=2),
-    Case("two_a2a all to rank 0, rank 1 holds none", Strategy.TWO_A2A, tokens=14, experts=8, top_k=2, seed=7,
-         skew_to_rank=0, empty_rank=1),
-    Case("coherent all to last rank", Strategy.COHERENT, tokens=9, experts=8, top_k=2, seed=8, skew_to_rank=-1),
-    Case("no tokens at all", Strategy.COHERENT, tokens=0, experts=8, top_k=2, seed=9),
-]
-
-
-def _cases_for(G: int) -> list[Case]:
-    fix = lambda c: c if c.skew_to_rank != -1 else Case(**{**c.__dict__, "skew_to_rank": G - 1})  # noqa: E731
-    return [fix(c) for c in CASES]
-
+from tests.dist._dispatch_cases import Case, expert, problem
 
 def _expected(case: Case, G: int):
     e2r_E, ids_TK, w_TK, start_T, prefill_T, x_TD, w_EDD = problem(case, G)
@@ -55,10 +34,10 @@ def _expected(case: Case, G: int):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("G", [1, 2, 4])
-def test_dispatch_combine_matches_one_process_sum(G):
-    cases = _cases_for(G)
-    per_rank = spawn_ranks(run_cases, G, (cases,), timeout_s=120)
-    for i, case in enumerate(cases):
+def test_dispatch_combine_matches_one_process_sum(dist_grid, G):
+    grid, results = dist_grid(G)
+    per_rank = [r["dispatch"] for r in results]
+    for i, case in enumerate(grid.dispatch):
         out_TD, anchor_T, dispatch, combine, prefill_T = _expected(case, G)
         seen = {}
         for r in range(G):

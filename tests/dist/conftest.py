@@ -1,0 +1,35 @@
+"""The multi-rank grid: built and spawned once per world size per session, shared by the dist tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from comm.spawn import spawn_ranks
+from tests.dist._dispatch_cases import dispatch_cases
+from tests.dist._grid import Grid, run_grid
+from tests.dist._runner_cases import runner_cases
+
+
+@pytest.fixture(scope="session")
+def dist_models(tiny_checkpoint) -> dict:
+    return {
+        "mixtral_top2": tiny_checkpoint("mixtral"),
+        "mixtral_top1": tiny_checkpoint("mixtral", num_experts_per_tok=1),
+        # shared expert; dense first and last layers around one MoE layer (a trailing K/V group)
+        "qwen2_dense_shared": tiny_checkpoint("qwen2_moe", mlp_only_layers=[0, 2]),
+        "qwen3_top2": tiny_checkpoint("qwen3_moe"),
+    }
+
+
+@pytest.fixture(scope="session")
+def dist_grid(dist_models):
+    """``G -> (Grid, per_rank_results)``; results[r]["dispatch" | "runner"][i] belongs to the i-th case."""
+    done: dict[int, tuple[Grid, list]] = {}
+
+    def get(G: int):
+        if G not in done:
+            grid = Grid(G, tuple(dispatch_cases(G)), tuple(runner_cases(dist_models, G)))
+            done[G] = (grid, spawn_ranks(run_grid, G, (grid,), timeout_s=420))
+        return done[G]
+
+    return get
