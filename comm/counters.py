@@ -1,7 +1,7 @@
 """CommCounters: what this rank's collectives moved, per collective kind, phase and MoE layer.
 
 Each collective call records one entry: ``calls`` += 1, ``rows`` (for hidden-state all-to-alls: transfers,
-i.e. rows sent to OTHER ranks), ``payload_bytes`` (rows x H x dtype size: the hidden states alone) and
+i.e. rows sent to OTHER ranks; ``cross_node_rows`` those sent to another node), ``payload_bytes`` (rows x H x dtype size: the hidden states alone) and
 ``wire_bytes`` (everything this rank put on the wire for the call, metadata included). Rows a rank keeps for
 itself are never counted. Summing ``rows`` over the ranks of a group (:meth:`CommCounters.merged`) gives the
 group's transfers, the number the placement simulator predicts.
@@ -29,18 +29,20 @@ class CollKind(enum.Enum):
 class CollStat:
     calls: int = 0
     rows: int = 0
+    cross_node_rows: int = 0      # rows whose destination is on another node
     payload_bytes: int = 0
     wire_bytes: int = 0
 
-    def add(self, other: "CollStat") -> None:
-        self.calls += other.calls
+    def add(self, other: "CollStat", *, calls: bool = True) -> None:
+        self.calls += other.calls if calls else 0
         self.rows += other.rows
+        self.cross_node_rows += other.cross_node_rows
         self.payload_bytes += other.payload_bytes
         self.wire_bytes += other.wire_bytes
 
     def to_dict(self) -> dict:
-        return {"calls": self.calls, "rows": self.rows, "payload_bytes": self.payload_bytes,
-                "wire_bytes": self.wire_bytes}
+        return {"calls": self.calls, "rows": self.rows, "cross_node_rows": self.cross_node_rows,
+                "payload_bytes": self.payload_bytes, "wire_bytes": self.wire_bytes}
 
 
 Key = tuple[CollKind, str, "int | None"]  # (kind, phase, MoE layer index or None)
@@ -52,10 +54,11 @@ class CommCounters:
     def __init__(self) -> None:
         self._stats: dict[Key, CollStat] = {}
 
-    def record(self, kind: CollKind, *, phase: str, layer: int | None, rows: int = 0, payload_bytes: int = 0,
-               wire_bytes: int = 0) -> None:
+    def record(self, kind: CollKind, *, phase: str, layer: int | None, rows: int = 0, cross_node_rows: int = 0,
+               payload_bytes: int = 0, wire_bytes: int = 0) -> None:
         stat = self._stats.setdefault((kind, phase, layer), CollStat())
-        stat.add(CollStat(calls=1, rows=rows, payload_bytes=payload_bytes, wire_bytes=wire_bytes))
+        stat.add(CollStat(calls=1, rows=rows, cross_node_rows=cross_node_rows, payload_bytes=payload_bytes,
+                          wire_bytes=wire_bytes))
 
     def reset(self) -> None:
         self._stats.clear()
@@ -86,8 +89,7 @@ class CommCounters:
         out = cls()
         for r in rows:
             key = (CollKind(r["kind"]), r["phase"], r["layer"])
-            out._stats[key] = CollStat(calls=r["calls"], rows=r["rows"], payload_bytes=r["payload_bytes"],
-                                       wire_bytes=r["wire_bytes"])
+            out._stats[key] = CollStat(**{k: r[k] for k in CollStat().to_dict()})
         return out
 
     @classmethod
@@ -104,8 +106,6 @@ class CommCounters:
                                  f"{key[2]}: {[s.calls for s in stats]}")
             total = CollStat(calls=calls.pop())
             for s in stats:
-                total.rows += s.rows
-                total.payload_bytes += s.payload_bytes
-                total.wire_bytes += s.wire_bytes
+                total.add(s, calls=False)
             out._stats[key] = total
         return out

@@ -74,8 +74,11 @@ class Collectives:
         work = dist.all_to_all_single(recv_MB, send_NB, list(recv_counts), list(send_counts),
                                       group=self.topology.group, async_op=async_op)
         out_rows = sum(send_counts) - send_counts[me]
+        node, per_node = self.topology.node, self.topology.gpus_per_node
+        cross_rows = sum(n for g, n in enumerate(send_counts) if g // per_node != node)
         row_bytes = math.prod(send_NB.shape[1:]) * send_NB.element_size()
         self.counters.record(kind, phase=phase, layer=layer, rows=out_rows * rows_per_send_row,
+                             cross_node_rows=cross_rows * rows_per_send_row,
                              payload_bytes=out_rows * payload_bytes_per_row, wire_bytes=out_rows * row_bytes)
         return recv_MB, work
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from tests.dist._dispatch_cases import Case, run_dispatch_cases
 from tests.dist._runner_cases import RunCase, run_runner_cases
 
+GPUS_PER_NODE = {1: 1, 2: 2, 4: 2}   # 4 ranks run as 2 nodes x 2 GPUs, so cross-node counts are exercised
+
 
 @dataclass(frozen=True)
 class Grid:

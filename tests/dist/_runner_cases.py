@@ -7,6 +7,7 @@ logits, counters and what it loaded; rank 0 also returns the recorded routing tr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ import torch
 from comm.strategy import Strategy
 from epserve.engine.builder import build_runner
 from epserve.engine.generate import generate
+from epserve.engine.recorder import load_is_prefill
 from epserve.model.config import ModelConfig
 from epserve.model.loader import load_model
 from placement.cluster import ClusterShape
 from placement.placement import Placement
+from placement.trace import RoutingTrace
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,12 @@ def run_runner_cases(topology, cases: list[RunCase]) -> list[dict]:
                "coherence_in_flight": 0 if runner.coherence is None else runner.coherence.in_flight}
         if topology.rank == 0:
             res["logits"] = [[t.numpy() for t in seq] for seq in gen.logits]
-        if case.record:
-            trace = runner.recorder.gather(runner.coll)
-            res["trace"] = trace if topology.rank == 0 else None
+        if case.record:   # collective: every rank calls it; rank 0 writes the file
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "routing.npz"
+                runner.recorder.save(runner.coll, path)
+                if topology.rank == 0:
+                    res["trace"], res["is_prefill"] = RoutingTrace.load(path), load_is_prefill(path)
         out.append(res)
     return out
 
@@ -70,15 +76,16 @@ def reference(ckpt: Path, prompts, max_new_tokens: int):
     return tokens, logits
 
 
-def reference_routing(ckpt: Path, prompts) -> list[np.ndarray]:
-    """[L] arrays of the top-k expert ids every prompt token picks (for building skewed placements)."""
+def reference_routing(ckpt: Path, seqs) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(ids, weights): [L] arrays [T, K] of the one-process model's routing of every token of ``seqs`` (whole
+    sequences, flattened in order)."""
     model, _ = load_model(ckpt)
-    ids = torch.tensor([t for p in prompts for t in p])
-    seq = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(p) for p in prompts]))
-    pos = torch.cat([torch.arange(len(p)) for p in prompts])
+    ids = torch.tensor([t for p in seqs for t in p])
+    seq = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(p) for p in seqs]))
+    pos = torch.cat([torch.arange(len(p)) for p in seqs])
     routing = []
     model.forward_flat(ids, pos, seq, routing)
-    return [r[0].numpy() for r in routing]
+    return [r[0].numpy() for r in routing], [r[1].numpy() for r in routing]
 
 
 PROMPTS = ((5, 6, 7, 8, 9, 10, 11), (12, 13), (3,), (40, 41, 42, 43, 44))
@@ -113,15 +120,16 @@ def runner_cases(models: dict, G: int) -> list[RunCase]:
         L, E = cfg.num_moe_layers, cfg.num_experts
         placements = {"contiguous": None, "random": random_placement(L, E, G, seed=G)}
         if G > 1 and name == "mixtral_top2":
-            placements["hot_rank_0"] = hot_rank_placement(reference_routing(ckpt, PROMPTS), E, G)
+            placements["hot_rank_0"] = hot_rank_placement(reference_routing(ckpt, PROMPTS)[0], E, G)
         for strategy in STRATEGIES:
             for pname, placement in placements.items():
-                cases.append(RunCase(f"{name}/{strategy.value}/{pname}", ckpt, strategy, PROMPTS, NEW, placement))
+                cases.append(RunCase(f"{name}/{strategy.value}/{pname}", ckpt, strategy, PROMPTS, NEW, placement,
+                                     record=pname == "contiguous"))
     top2, top1 = models["mixtral_top2"], models["mixtral_top1"]
     for strategy in STRATEGIES:
         # mixed steps: chunked prefill of later requests beside decode of earlier ones
         cases.append(RunCase(f"mixtral_top2/{strategy.value}/chunked+staggered", top2, strategy, PROMPTS, NEW,
-                             prefill_chunk=3, stagger=2))
+                             prefill_chunk=3, stagger=2, record=True))
         cases.append(RunCase(f"qwen2/{strategy.value}/chunked+staggered", models["qwen2_dense_shared"], strategy,
                              PROMPTS, NEW, prefill_chunk=2, stagger=1))
         # one sequence, top-1: every decode step leaves at least G - 2 ranks with no token at all

@@ -6,7 +6,7 @@ import pytest
 
 from comm.spawn import spawn_ranks
 from tests.dist._dispatch_cases import dispatch_cases
-from tests.dist._grid import Grid, run_grid
+from tests.dist._grid import GPUS_PER_NODE, Grid, run_grid
 from tests.dist._runner_cases import runner_cases
 
 
@@ -29,7 +29,7 @@ def dist_grid(dist_models):
     def get(G: int):
         if G not in done:
             grid = Grid(G, tuple(dispatch_cases(G)), tuple(runner_cases(dist_models, G)))
-            done[G] = (grid, spawn_ranks(run_grid, G, (grid,), timeout_s=420))
+            done[G] = (grid, spawn_ranks(run_grid, G, (grid,), gpus_per_node=GPUS_PER_NODE[G], timeout_s=420))
         return done[G]
 
     return get

@@ -13,6 +13,7 @@ import torch
 
 from comm.counters import CollKind, CommCounters
 from tests.dist._dispatch_cases import Case, expert, problem
+from tests.dist._grid import GPUS_PER_NODE
 
 def _expected(case: Case, G: int):
     e2r_E, ids_TK, w_TK, start_T, prefill_T, x_TD, w_EDD = problem(case, G)
@@ -29,7 +30,9 @@ def _expected(case: Case, G: int):
         anchor_T = start_T
     dispatch = sum(len(set(rank_TK[t]) - {start_T[t]}) for t in range(T))
     combine = sum(len(set(rank_TK[t]) - {anchor_T[t]}) for t in range(T))
-    return out_TD, anchor_T, dispatch, combine, prefill_T
+    node = lambda r: r // GPUS_PER_NODE[G]  # noqa: E731
+    cross = sum(node(r) != node(start_T[t]) for t in range(T) for r in set(rank_TK[t]) - {start_T[t]})
+    return out_TD, anchor_T, dispatch, combine, prefill_T, cross
 
 
 @pytest.mark.dist
@@ -38,7 +41,7 @@ def test_dispatch_combine_matches_one_process_sum(dist_grid, G):
     grid, results = dist_grid(G)
     per_rank = [r["dispatch"] for r in results]
     for i, case in enumerate(grid.dispatch):
-        out_TD, anchor_T, dispatch, combine, prefill_T = _expected(case, G)
+        out_TD, anchor_T, dispatch, combine, prefill_T, cross = _expected(case, G)
         seen = {}
         for r in range(G):
             res = per_rank[r][i]
@@ -49,6 +52,7 @@ def test_dispatch_combine_matches_one_process_sum(dist_grid, G):
         assert seen == {t: int(anchor_T[t]) for t in range(case.tokens)}, case.name
         merged = CommCounters.merged([CommCounters.from_rows(per_rank[r][i]["counters"]) for r in range(G)])
         assert merged.total(CollKind.ALL_TO_ALL, phase="dispatch").rows == dispatch, case.name
+        assert merged.total(CollKind.ALL_TO_ALL, phase="dispatch").cross_node_rows == cross, case.name
         assert merged.total(CollKind.ALL_TO_ALL, phase="combine").rows == combine, case.name
         if G == 1:
             assert merged.total().calls == 0  # nothing to talk to

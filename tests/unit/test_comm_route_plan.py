@@ -57,11 +57,12 @@ def test_wire_rows_round_trip_bit_for_bit():
 
 def test_counters_merge_sums_rows_and_keeps_collective_calls():
     a, b = CommCounters(), CommCounters()
-    a.record(CollKind.ALL_TO_ALL, phase="dispatch", layer=0, rows=3, payload_bytes=12, wire_bytes=20)
+    a.record(CollKind.ALL_TO_ALL, phase="dispatch", layer=0, rows=3, cross_node_rows=2, payload_bytes=12,
+             wire_bytes=20)
     b.record(CollKind.ALL_TO_ALL, phase="dispatch", layer=0, rows=1, payload_bytes=4, wire_bytes=9)
     m = CommCounters.merged([a, b])
-    assert m.total(CollKind.ALL_TO_ALL, layer=0).to_dict() == {"calls": 1, "rows": 4, "payload_bytes": 16,
-                                                                 "wire_bytes": 29}
+    assert m.total(CollKind.ALL_TO_ALL, layer=0).to_dict() == {"calls": 1, "rows": 4, "cross_node_rows": 2,
+                                                                 "payload_bytes": 16, "wire_bytes": 29}
     assert m.data_all_to_all_calls(0) == 1 and m.layers() == [0]
     assert CommCounters.from_rows(m.to_rows()).to_rows() == m.to_rows()
     b.record(CollKind.ALL_TO_ALL, phase="dispatch", layer=0)
