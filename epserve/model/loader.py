@@ -23,6 +23,7 @@ Checkpoint tensor names (the hub's):
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,30 @@ def _select_experts(config: ModelConfig, experts) -> dict[int, tuple[int, ...]]:
 
 
 # ---- the checkpoint's headers ----------------------------------------------------------------------------
-def _read_headers(model_dir: Path) -> dict[str, _Header]:
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    """As transformers: the shards named by model.safetensors.index.json, else model.safetensors, else every
+    *.safetensors file (a hub repo may also hold e.g. a consolidated.safetensors in another naming)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard '{missing[0]}', which is not in {model_dir}")
+        return [model_dir / n for n in names]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{model_dir}: no *.safetensors files (other weight formats are not supported)")
+    return files
+
+
+def _read_headers(model_dir: Path) -> dict[str, _Header]:
+    files = _checkpoint_files(model_dir)
     headers: dict[str, _Header] = {}
     for file in files:
         try:

@@ -8,8 +8,10 @@ One process runs it as (``forward``):
          --local_weighted_sum (every k used)--> y_TD  (+ shared_output(x_TD) for Qwen2-MoE)
 
 An EP rank runs the same pieces on the rows it received, with ``use_NK`` marking the (row, k) choices whose
-expert it holds. The weighted sum runs in k order (y = t_0 + t_1 + ...), so a caller that collects the K
-terms of ``weighted_expert_outputs`` from several ranks and sums them in k order gets the one-process bits.
+expert it holds. The weighted sum runs in k order (y = t_0 + t_1 + ...). Adding per-rank partial sums gives
+the one-process bits for top-k <= 2 only (two terms commute; zeros add exactly); for k >= 3 float addition
+is not associative, so a caller wanting the same bits collects the K terms of ``weighted_expert_outputs``
+and sums them with ``sum_in_k_order``.
 """
 
 from __future__ import annotations

@@ -113,3 +113,20 @@ def test_each_feature_matters(models, case, disable):
         ref_BSV = hf(input_ids=ids_BS, attention_mask=mask_BS).logits
     err = (ours.forward_full(ids_BS, mask_BS) - ref_BSV)[mask_BS.bool()].abs().max().item()
     assert err > 1e-2
+
+
+@pytest.mark.parametrize("case", ["mixtral-top2", "qwen2-top2-shared-dense", "qwen3-top2-norm", "olmoe-top2"])
+def test_bfloat16_is_bitwise_transformers_eager(tiny_checkpoint, case):
+    """In bfloat16 our forward rounds exactly where transformers' eager attention + eager experts do (top-2:
+    two terms, so its expert-order index_add and our k-order sum agree)."""
+    from transformers import AutoModelForCausalLM
+
+    family, overrides = CASES[case]
+    ckpt = tiny_checkpoint(family, **overrides)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="eager",
+                                              experts_implementation="eager").eval()
+    ours = load_model(ckpt, dtype=torch.bfloat16)[0]
+    ids_BS, mask_BS = _batch()
+    with torch.no_grad():
+        ref_BSV = hf(input_ids=ids_BS, attention_mask=mask_BS).logits
+    assert torch.equal(ours.forward_full(ids_BS, mask_BS)[mask_BS.bool()], ref_BSV[mask_BS.bool()])
