@@ -155,9 +155,11 @@ def _read_headers(model_dir: Path) -> dict[str, _Header]:
 
 
 def _layer_prefix(config: ModelConfig, headers: Mapping[str, _Header], i: int) -> str:
-    if config.family is ModelFamily.MIXTRAL and f"model.layers.{i}.block_sparse_moe.gate.weight" in headers:
+    """Mixtral's MoE block is ``block_sparse_moe`` on the hub and ``mlp`` in transformers' own naming."""
+    mlp = f"model.layers.{i}.mlp"
+    if config.family is ModelFamily.MIXTRAL and f"{mlp}.gate.weight" not in headers:
         return f"model.layers.{i}.block_sparse_moe"
-    return f"model.layers.{i}.mlp"
+    return mlp
 
 
 def _is_fused(headers: Mapping[str, _Header], prefix: str) -> bool:
@@ -206,6 +208,11 @@ def _expected_tensors(config: ModelConfig, headers: Mapping[str, _Header]) -> di
             _swiglu(out, f"{m}.shared_expert", D, config.shared_expert_intermediate_size)
             out[f"{m}.shared_expert_gate.weight"] = (1, D)
     return out
+
+
+def hub_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of ``config``'s checkpoint in the hub's per-expert layout."""
+    return _expected_tensors(config, {})
 
 
 def _swiglu(out: dict, prefix: str, D: int, I: int) -> None:
