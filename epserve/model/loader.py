@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,7 @@ def _read(sources: Mapping[str, _Source], expected: Mapping[str, tuple[int, ...]
     if missing:  # a bug in the plan, not in the checkpoint
         raise AssertionError(f"weight source {missing[0]} was not checked")
     state, cache = {}, {}
+    uses = Counter((s.tensor, s.index) for s in sources.values())  # >1: tied embeddings, fused gate/up
     expert_bytes = other_bytes = reads = expert_reads = 0
     with contextlib.ExitStack() as stack:
         handles = {}
@@ -315,6 +317,9 @@ def _read(sources: Mapping[str, _Source], expected: Mapping[str, tuple[int, ...]
                 cache[key] = t
             t = cache[key] if src.rows is None else cache[key][src.rows]
             state[name] = t.to(device=device, dtype=dtype).contiguous()
+            uses[key] -= 1
+            if not uses[key]:
+                del cache[key]  # keep at most one host copy of a tensor alive
     report = LoadReport(expert_bytes=expert_bytes, other_bytes=other_bytes, tensors_read=reads,
                         expert_tensors_read=expert_reads,
                         files=tuple(sorted({str(h.file) for h in headers.values()})))

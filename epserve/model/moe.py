@@ -73,6 +73,7 @@ class MoEBlock(nn.Module):
 
         Raises ExpertNotLoadedError naming the expert if a used choice needs one not held here."""
         N, K = topk_ids_NK.shape
+        use_NK = use_NK.to(torch.bool)  # an integer 0/1 mask would index instead of masking
         y_NKD = x_ND.new_zeros(N, K, x_ND.shape[-1])
         ids_used = torch.unique(topk_ids_NK[use_NK]).tolist()  # host sync: which experts run
         for e in ids_used:
