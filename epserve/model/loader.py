@@ -23,6 +23,8 @@ Checkpoint tensor names (the hub's):
 from __future__ import annotations
 
 import contextlib
+import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +116,30 @@ def _select_experts(config: ModelConfig, experts) -> dict[int, tuple[int, ...]]:
 
 
 # ---- the checkpoint's headers ----------------------------------------------------------------------------
-def _read_headers(model_dir: Path) -> dict[str, _Header]:
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    """As transformers: the shards named by model.safetensors.index.json, else model.safetensors, else every
+    *.safetensors file (a hub repo may also hold e.g. a consolidated.safetensors in another naming)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard '{missing[0]}', which is not in {model_dir}")
+        return [model_dir / n for n in names]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{model_dir}: no *.safetensors files (other weight formats are not supported)")
+    return files
+
+
+def _read_headers(model_dir: Path) -> dict[str, _Header]:
+    files = _checkpoint_files(model_dir)
     headers: dict[str, _Header] = {}
     for file in files:
         try:
@@ -134,9 +156,11 @@ def _read_headers(model_dir: Path) -> dict[str, _Header]:
 
 
 def _layer_prefix(config: ModelConfig, headers: Mapping[str, _Header], i: int) -> str:
-    if config.family is ModelFamily.MIXTRAL and f"model.layers.{i}.block_sparse_moe.gate.weight" in headers:
+    """Mixtral's MoE block is ``block_sparse_moe`` on the hub and ``mlp`` in transformers' own naming."""
+    mlp = f"model.layers.{i}.mlp"
+    if config.family is ModelFamily.MIXTRAL and f"{mlp}.gate.weight" not in headers:
         return f"model.layers.{i}.block_sparse_moe"
-    return f"model.layers.{i}.mlp"
+    return mlp
 
 
 def _is_fused(headers: Mapping[str, _Header], prefix: str) -> bool:
@@ -185,6 +209,11 @@ def _expected_tensors(config: ModelConfig, headers: Mapping[str, _Header]) -> di
             _swiglu(out, f"{m}.shared_expert", D, config.shared_expert_intermediate_size)
             out[f"{m}.shared_expert_gate.weight"] = (1, D)
     return out
+
+
+def hub_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of ``config``'s checkpoint in the hub's per-expert layout."""
+    return _expected_tensors(config, {})
 
 
 def _swiglu(out: dict, prefix: str, D: int, I: int) -> None:
@@ -260,6 +289,7 @@ def _read(sources: Mapping[str, _Source], expected: Mapping[str, tuple[int, ...]
     if missing:  # a bug in the plan, not in the checkpoint
         raise AssertionError(f"weight source {missing[0]} was not checked")
     state, cache = {}, {}
+    uses = Counter((s.tensor, s.index) for s in sources.values())  # >1: tied embeddings, fused gate/up
     expert_bytes = other_bytes = reads = expert_reads = 0
     with contextlib.ExitStack() as stack:
         handles = {}
@@ -287,6 +317,9 @@ def _read(sources: Mapping[str, _Source], expected: Mapping[str, tuple[int, ...]
                 cache[key] = t
             t = cache[key] if src.rows is None else cache[key][src.rows]
             state[name] = t.to(device=device, dtype=dtype).contiguous()
+            uses[key] -= 1
+            if not uses[key]:
+                del cache[key]  # keep at most one host copy of a tensor alive
     report = LoadReport(expert_bytes=expert_bytes, other_bytes=other_bytes, tensors_read=reads,
                         expert_tensors_read=expert_reads,
                         files=tuple(sorted({str(h.file) for h in headers.values()})))

@@ -8,8 +8,10 @@ One process runs it as (``forward``):
          --local_weighted_sum (every k used)--> y_TD  (+ shared_output(x_TD) for Qwen2-MoE)
 
 An EP rank runs the same pieces on the rows it received, with ``use_NK`` marking the (row, k) choices whose
-expert it holds. The weighted sum runs in k order (y = t_0 + t_1 + ...), so a caller that collects the K
-terms of ``weighted_expert_outputs`` from several ranks and sums them in k order gets the one-process bits.
+expert it holds. The weighted sum runs in k order (y = t_0 + t_1 + ...). Adding per-rank partial sums gives
+the one-process bits for top-k <= 2 only (two terms commute; zeros add exactly); for k >= 3 float addition
+is not associative, so a caller wanting the same bits collects the K terms of ``weighted_expert_outputs``
+and sums them with ``sum_in_k_order``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class MoEBlock(nn.Module):
 
         Raises ExpertNotLoadedError naming the expert if a used choice needs one not held here."""
         N, K = topk_ids_NK.shape
+        use_NK = use_NK.to(torch.bool)  # an integer 0/1 mask would index instead of masking
         y_NKD = x_ND.new_zeros(N, K, x_ND.shape[-1])
         ids_used = torch.unique(topk_ids_NK[use_NK]).tolist()  # host sync: which experts run
         for e in ids_used:

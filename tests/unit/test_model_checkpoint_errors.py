@@ -75,6 +75,14 @@ def test_no_safetensors_files(mixtral):
     refused(mixtral, re.escape(f"{mixtral}: no *.safetensors files"))
 
 
+def test_index_naming_a_missing_shard(mixtral):
+    index = mixtral / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    refused(mixtral, re.escape(f"{index}: names shard 'model-00002-of-00002.safetensors', which is not in"))
+    index.write_text("[]")
+    refused(mixtral, re.escape(f"{index}: not a valid safetensors index"))
+
+
 def test_missing_or_broken_config_json(mixtral, tmp_path):
     (mixtral / "config.json").write_text("{not json")
     refused(mixtral, re.escape(f"{mixtral / 'config.json'}: not valid JSON"))

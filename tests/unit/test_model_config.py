@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from epserve.model import CheckpointError, ModelConfig, ModelFamily, QKNorm
+from epserve.model import CheckpointError, ModelConfig, ModelFamily, QKNorm, hub_tensor_shapes
 
 BASE = dict(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             num_experts_per_tok=2, rope_theta=5e5, rms_norm_eps=1e-6)
@@ -68,3 +70,58 @@ def test_direct_construction_is_validated():
         ModelConfig(**dict(kw, moe_layer_ids=(0,)))
     with pytest.raises(CheckpointError, match="head_dim=3 must be even"):
         ModelConfig(**dict(kw, head_dim=3))
+
+
+# config.json of four public hub checkpoints, as published (transformers-4 era files)
+HUB = {
+    "mistralai/Mixtral-8x7B-v0.1": {
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 32000},
+    "Qwen/Qwen1.5-MoE-A2.7B": {
+        "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21,
+        "model_type": "qwen2_moe", "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16,
+        "rms_norm_eps": 1e-06, "rope_theta": 1e6, "sliding_window": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+        "decoder_sparse_step": 1, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "num_experts_per_tok": 4, "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001},
+    "Qwen/Qwen3-30B-A3B": {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1e6, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+    "allenai/OLMoE-1B-7B-0924": {
+        "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+        "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 1024, "max_position_embeddings": 4096, "model_type": "olmoe", "norm_topk_prob": False,
+        "num_attention_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+        "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 50304},
+}
+
+
+@pytest.mark.parametrize("repo, params, tensor, shape", [
+    # parameter counts as transformers counts them (and as the model cards round them: 46.7B, 14.3B, 30.5B, 6.9B)
+    ("mistralai/Mixtral-8x7B-v0.1", 46_702_792_704, "model.layers.31.block_sparse_moe.experts.7.w2.weight",
+     (4096, 14336)),
+    ("Qwen/Qwen1.5-MoE-A2.7B", 14_315_784_192, "model.layers.0.self_attn.q_proj.bias", (2048,)),
+    ("Qwen/Qwen3-30B-A3B", 30_532_122_624, "model.layers.47.self_attn.q_norm.weight", (128,)),
+    ("allenai/OLMoE-1B-7B-0924", 6_919_161_856, "model.layers.0.self_attn.k_norm.weight", (2048,)),
+])
+def test_real_hub_configs_give_the_published_tensors(repo, params, tensor, shape):
+    shapes = hub_tensor_shapes(ModelConfig.from_hf(HUB[repo]))
+    assert sum(math.prod(s) for s in shapes.values()) == params
+    assert shapes[tensor] == shape

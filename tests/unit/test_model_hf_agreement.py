@@ -82,12 +82,11 @@ def test_greedy_generation_matches_transformers(models, case):
     expected = []
     for p in prompts:
         out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                          do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, eos_token_id=None,
-                          pad_token_id=0)
+                          do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
         expected.append(out[0, len(p):].tolist())
     got = ours.greedy_reference(prompts, n_new)
     assert got == expected
-    assert all(len(g) == n_new for g in got)
+    assert all(len(e) == n_new for e in expected)  # no EOS stop on either side
 
 
 @pytest.mark.parametrize("case, disable", [
@@ -113,3 +112,20 @@ def test_each_feature_matters(models, case, disable):
         ref_BSV = hf(input_ids=ids_BS, attention_mask=mask_BS).logits
     err = (ours.forward_full(ids_BS, mask_BS) - ref_BSV)[mask_BS.bool()].abs().max().item()
     assert err > 1e-2
+
+
+@pytest.mark.parametrize("case", ["mixtral-top2", "qwen2-top2-shared-dense", "qwen3-top2-norm", "olmoe-top2"])
+def test_bfloat16_is_bitwise_transformers_eager(tiny_checkpoint, case):
+    """In bfloat16 our forward rounds exactly where transformers' eager attention + eager experts do (top-2:
+    two terms, so its expert-order index_add and our k-order sum agree)."""
+    from transformers import AutoModelForCausalLM
+
+    family, overrides = CASES[case]
+    ckpt = tiny_checkpoint(family, **overrides)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="eager",
+                                              experts_implementation="eager").eval()
+    ours = load_model(ckpt, dtype=torch.bfloat16)[0]
+    ids_BS, mask_BS = _batch()
+    with torch.no_grad():
+        ref_BSV = hf(input_ids=ids_BS, attention_mask=mask_BS).logits
+    assert torch.equal(ours.forward_full(ids_BS, mask_BS)[mask_BS.bool()], ref_BSV[mask_BS.bool()])

@@ -121,7 +121,9 @@ def test_sharded_checkpoint_dtype_device_and_tied_embeddings(tiny_checkpoint, tm
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(sharded, max_shard_size="40KB")
     files = sorted(p.name for p in sharded.glob("*.safetensors"))
-    assert len(files) > 2
+    assert len(files) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    # a file in another naming beside the shards (hub repos carry e.g. consolidated.safetensors) is not read
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, sharded / "consolidated.safetensors")
     assert not any("lm_head.weight" in raw_header(sharded / f) for f in files)
     one, r1 = load_model(ckpt)
     many, r2 = load_model(sharded, dtype=torch.bfloat16, device="cpu")
