@@ -51,3 +51,22 @@ def _fed_as_prefill(prompt_len: int, pos: int, chunk: int | None) -> bool:
         return True
     start = pos - pos % chunk
     return start == 0 or min(prompt_len, start + chunk) - start > 1
+
+
+def test_recorder_keeps_only_the_first_max_tokens(tiny_checkpoint, tmp_path):
+    from comm.strategy import Strategy
+    from comm.topology import EPTopology
+    from epserve.engine.builder import build_runner
+    from epserve.engine.generate import generate
+    from epserve.engine.recorder import load_is_prefill
+    from placement.trace import RoutingTrace
+
+    runner = build_runner(tiny_checkpoint("mixtral"), EPTopology.single(), strategy=Strategy.COHERENT,
+                          record_tokens=6)
+    generate(runner, [[5, 6, 7, 8], [9, 10]], 3)          # feeds 4 + 2 prompt tokens, then 2 x 2 decode tokens
+    runner.recorder.save(runner.coll, tmp_path / "t.npz")
+    trace = RoutingTrace.load(tmp_path / "t.npz")
+    assert trace.num_tokens == 6 and runner.recorder.full
+    assert trace.seq_ids_T.tolist() == [0, 0, 0, 0, 1, 1] and trace.positions_T.tolist() == [0, 1, 2, 3, 0, 1]
+    assert trace.token_ids_T.tolist() == [5, 6, 7, 8, 9, 10] and load_is_prefill(tmp_path / "t.npz").all()
+    assert (trace.experts_TLK >= 0).all() and trace.meta["source"] == "epserve recorder"
