@@ -124,7 +124,7 @@ def runner_cases(models: dict, G: int) -> list[RunCase]:
         for strategy in STRATEGIES:
             for pname, placement in placements.items():
                 cases.append(RunCase(f"{name}/{strategy.value}/{pname}", ckpt, strategy, PROMPTS, NEW, placement,
-                                     record=pname == "contiguous"))
+                                     record=True))
     top2, top1 = models["mixtral_top2"], models["mixtral_top1"]
     for strategy in STRATEGIES:
         # mixed steps: chunked prefill of later requests beside decode of earlier ones
@@ -133,5 +133,5 @@ def runner_cases(models: dict, G: int) -> list[RunCase]:
         cases.append(RunCase(f"qwen2/{strategy.value}/chunked+staggered", models["qwen2_dense_shared"], strategy,
                              PROMPTS, NEW, prefill_chunk=2, stagger=1))
         # one sequence, top-1: every decode step leaves at least G - 2 ranks with no token at all
-        cases.append(RunCase(f"mixtral_top1/{strategy.value}/single", top1, strategy, PROMPTS[:1], NEW))
+        cases.append(RunCase(f"mixtral_top1/{strategy.value}/single", top1, strategy, PROMPTS[:1], NEW, record=True))
     return cases
