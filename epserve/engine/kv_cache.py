@@ -57,6 +57,7 @@ class BlockLedger:
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest id
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
+        self._table_tensors: dict[int, torch.Tensor] = {}   # cache of _tables as tensors
 
     def length(self, seq_id: int) -> int:
         return self._lengths.get(seq_id, 0)
@@ -82,19 +83,37 @@ class BlockLedger:
             table = self._tables.setdefault(s, [])
             for _ in range(self.blocks_needed(s, n)):
                 table.append(self._free.pop())
+            self._table_tensors.pop(s, None)
             self._lengths[s] = max(self._lengths.get(s, 0), n)
 
     def free(self, seq_id: int) -> None:
         for block in reversed(self._tables.pop(seq_id, [])):
             self._free.append(block)
+        self._table_tensors.pop(seq_id, None)
         self._free.sort(reverse=True)
         self._lengths.pop(seq_id, None)
 
+    def table(self, seq_id: int) -> torch.Tensor:
+        if seq_id not in self._table_tensors:
+            self._table_tensors[seq_id] = torch.tensor(self._tables[seq_id], dtype=torch.long)
+        return self._table_tensors[seq_id]
+
     def slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot index of each position of a sequence (positions must be reserved)."""
-        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
         positions = positions.to(torch.long).cpu()
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        return self.table(seq_id)[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def prefix_slots(self, seq_U: list[int], upto_U: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slots, positions and row u of positions [0, upto_U[u]) of every sequence, in one gather."""
+        if not seq_U:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty, empty
+        tables_UB = torch.nn.utils.rnn.pad_sequence([self.table(s) for s in seq_U], batch_first=True)
+        upto_U_t = torch.tensor(upto_U, dtype=torch.long)
+        u_S = torch.repeat_interleave(torch.arange(len(seq_U)), upto_U_t)
+        pos_S = torch.arange(len(u_S)) - torch.repeat_interleave(torch.cumsum(upto_U_t, 0) - upto_U_t, upto_U_t)
+        slots_S = tables_UB[u_S, pos_S // self.block_size] * self.block_size + pos_S % self.block_size
+        return slots_S, pos_S, u_S
 
     @property
     def used_blocks(self) -> int:
@@ -204,12 +223,8 @@ class KVStore:
 
     def key_index(self, seq_U: list[int], upto_U: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slots, positions and sequence ids of positions [0, upto) of each sequence (keys for attention)."""
-        ledger = self.cache.ledger
-        pos = [torch.arange(n) for n in upto_U]
-        slots_S = torch.cat([ledger.slots(s, p) for s, p in zip(seq_U, pos)]) if pos else torch.zeros(0, dtype=torch.long)
-        pos_S = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
-        seq_S = torch.repeat_interleave(torch.tensor(seq_U, dtype=torch.long), torch.tensor(upto_U, dtype=torch.long))
-        return slots_S, pos_S, seq_S
+        slots_S, pos_S, u_S = self.cache.ledger.prefix_slots(seq_U, upto_U)
+        return slots_S, pos_S, torch.tensor(seq_U, dtype=torch.long)[u_S] if seq_U else u_S
 
     def stats(self) -> KVStats:
         c = self.config

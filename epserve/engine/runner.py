@@ -150,10 +150,9 @@ class Runner:
     @staticmethod
     def _key_spans(seq_N: torch.Tensor, pos_N: torch.Tensor) -> tuple[list[int], list[int]]:
         """Each sequence among the held tokens, and how many of its positions the keys span."""
-        upto: dict[int, int] = {}
-        for s, p in zip(seq_N.tolist(), pos_N.tolist()):  # host-side metadata (CPU tensors)
-            upto[s] = max(upto.get(s, 0), p + 1)
-        return list(upto), list(upto.values())
+        seq_U, inverse_N = torch.unique(seq_N, return_inverse=True)
+        upto_U = torch.zeros(len(seq_U), dtype=torch.long).scatter_reduce(0, inverse_N, pos_N + 1, "amax")
+        return seq_U.tolist(), upto_U.tolist()  # host-side metadata (CPU tensors)
 
     def _moe(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor, group: int) -> _Held:
         mlp, m, dev = layer.mlp, layer.moe_index, self.topology.device
