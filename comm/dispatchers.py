@@ -203,7 +203,8 @@ class SpeculativeTwoA2ADispatcher(Dispatcher):
     strategy = Strategy.SPECULATIVE_TWO_A2A
 
     def preferred_home_rank(self, prompt_ids):
-        return self.predictor.predict_home_rank(np.asarray(prompt_ids))
+        rank = self.predictor.predict_home_rank(np.asarray(prompt_ids), default=-1)
+        return None if rank < 0 else int(rank)
 
 
 _DISPATCHERS = {cls.strategy: cls for cls in

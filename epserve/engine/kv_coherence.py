@@ -71,7 +71,7 @@ class KVCoherence:
         if pending.work is not None:
             pending.work.wait()
         got = self._codecs[group].unpack(pending.recv_RB)
-        slots_R = pending.slot_T[got["token"][:, 0].long()]
+        slots_R = pending.slot_T[got["token"][:, 0].long().cpu()]
         kv_R2LX = got["kv"].reshape(len(slots_R), len(pending.layers), 2, self.cache.config.num_kv_heads,
                                     self.cache.config.head_dim)
         for i, layer in enumerate(pending.layers):
