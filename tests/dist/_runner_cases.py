@@ -99,6 +99,17 @@ def random_placement(L: int, E: int, G: int, seed: int) -> Placement:
     return Placement(np.stack(rows), ClusterShape(gpus_per_node=G), solver={"name": "random", "seed": seed})
 
 
+def solved_placement(ckpt: Path, G: int, gpus_per_node: int) -> Placement:
+    """The local-search solver's placement, fitted on the one-process routing of the grid's prompts."""
+    from placement.solvers import SolveOptions, SolverKind, solve
+    from placement.stats import compute_stats
+    ids_L, w_L = reference_routing(ckpt, PROMPTS)
+    trace = RoutingTrace(np.stack(ids_L, axis=1), np.stack(w_L, axis=1), ModelConfig.from_dir(ckpt).num_experts)
+    cluster = ClusterShape(nodes=G // gpus_per_node, gpus_per_node=gpus_per_node)
+    return solve(compute_stats(trace), cluster, SolveOptions(solver=SolverKind.LOCAL, time_limit=2.0, restarts=1,
+                                                             rounds=3))
+
+
 def hot_rank_placement(routing_L, E: int, G: int) -> Placement:
     """The E/G most used experts of each layer (by the prompts' routing) all on rank 0: uneven loads."""
     rows = []
@@ -110,7 +121,7 @@ def hot_rank_placement(routing_L, E: int, G: int) -> Placement:
     return Placement(np.stack(rows), ClusterShape(gpus_per_node=G), solver={"name": "hot_rank_0"})
 
 
-def runner_cases(models: dict, G: int) -> list[RunCase]:
+def runner_cases(models: dict, G: int, gpus_per_node: int) -> list[RunCase]:
     """The lossless grid for G ranks (``models``: name -> checkpoint dir, see tests/dist/conftest.py)."""
     cases = []
     for name, ckpt in models.items():
@@ -119,6 +130,8 @@ def runner_cases(models: dict, G: int) -> list[RunCase]:
         cfg = ModelConfig.from_dir(ckpt)
         L, E = cfg.num_moe_layers, cfg.num_experts
         placements = {"contiguous": None, "random": random_placement(L, E, G, seed=G)}
+        if G > 1 and name in ("mixtral_top2", "mixtral_top1"):
+            placements["solved"] = solved_placement(ckpt, G, gpus_per_node)
         if G > 1 and name == "mixtral_top2":
             placements["hot_rank_0"] = hot_rank_placement(reference_routing(ckpt, PROMPTS)[0], E, G)
         for strategy in STRATEGIES:
