@@ -313,6 +313,7 @@ def _check_predictor(predictor, trace: RoutingTrace, placement: Placement) -> No
     if (predictor.num_layers, predictor.num_gpus) != (trace.num_layers, placement.num_gpus):
         raise PlacementError(f"the predictor is for {predictor.num_layers} MoE layers x {predictor.num_gpus} "
                              f"GPUs, but the trace/placement have {trace.num_layers} x {placement.num_gpus}")
+    predictor.check_placement(placement)
 
 
 def _predicted_homes(trace, predictor, home_T, seq_T, pos_T, prefill_T) -> np.ndarray:
