@@ -44,7 +44,7 @@ def load_predictor(path: str | Path | None, strategy: Strategy, placement: Place
         raise InputError(f"strategy {strategy.value} needs a predictor file (--predictor)")
     from placement.predictor import SpeculativePredictor
     predictor = SpeculativePredictor.load(path)
-    predictor.check_fits(placement)
+    predictor.check_placement(placement)
     return predictor
 
 

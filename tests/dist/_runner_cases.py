@@ -121,7 +121,20 @@ def hot_rank_placement(routing_L, E: int, G: int) -> Placement:
     return Placement(np.stack(rows), ClusterShape(gpus_per_node=G), solver={"name": "hot_rank_0"})
 
 
-def runner_cases(models: dict, G: int, gpus_per_node: int) -> list[RunCase]:
+def build_predictor(ckpt: Path, placement: Placement, path: Path) -> Path:
+    """A predictor from the one-process routing of the grid's whole sequences (with their vocabulary ids),
+    confident about every id it has seen, so speculative starts and homes really move tokens."""
+    from placement.predictor import PredictorOptions, SpeculativePredictor
+    tokens, _ = reference(ckpt, PROMPTS, NEW)
+    fed = [list(p) + new[:-1] for p, new in zip(PROMPTS, tokens)]
+    ids_L, w_L = reference_routing(ckpt, fed)
+    trace = RoutingTrace(np.stack(ids_L, axis=1), np.stack(w_L, axis=1), ModelConfig.from_dir(ckpt).num_experts,
+                         token_ids_T=np.array([t for seq in fed for t in seq]))
+    SpeculativePredictor.build(trace, placement, PredictorOptions(min_confidence=0.0, min_support=1)).save(path)
+    return path
+
+
+def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> list[RunCase]:
     """The lossless grid for G ranks (``models``: name -> checkpoint dir, see tests/dist/conftest.py)."""
     cases = []
     for name, ckpt in models.items():
@@ -138,6 +151,11 @@ def runner_cases(models: dict, G: int, gpus_per_node: int) -> list[RunCase]:
             for pname, placement in placements.items():
                 cases.append(RunCase(f"{name}/{strategy.value}/{pname}", ckpt, strategy, PROMPTS, NEW, placement,
                                      record=True))
+        if "solved" in placements:
+            predictor = build_predictor(ckpt, placements["solved"], work_dir / f"{name}-G{G}.predictor.npz")
+            for strategy in (Strategy.SPECULATIVE, Strategy.SPECULATIVE_TWO_A2A):
+                cases.append(RunCase(f"{name}/{strategy.value}/solved", ckpt, strategy, PROMPTS, NEW,
+                                     placements["solved"], record=True, predictor_path=predictor))
     top2, top1 = models["mixtral_top2"], models["mixtral_top1"]
     for strategy in STRATEGIES:
         # mixed steps: chunked prefill of later requests beside decode of earlier ones

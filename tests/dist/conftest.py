@@ -22,13 +22,13 @@ def dist_models(tiny_checkpoint) -> dict:
 
 
 @pytest.fixture(scope="session")
-def dist_grid(dist_models):
+def dist_grid(dist_models, tmp_path_factory):
     """``G -> (Grid, per_rank_results)``; results[r]["dispatch" | "runner"][i] belongs to the i-th case."""
     done: dict[int, tuple[Grid, list]] = {}
 
     def get(G: int):
         if G not in done:
-            grid = Grid(G, tuple(dispatch_cases(G)), tuple(runner_cases(dist_models, G, GPUS_PER_NODE[G])))
+            grid = Grid(G, tuple(dispatch_cases(G)), tuple(runner_cases(dist_models, G, GPUS_PER_NODE[G], tmp_path_factory.mktemp(f"grid{G}"))))
             done[G] = (grid, spawn_ranks(run_grid, G, (grid,), gpus_per_node=GPUS_PER_NODE[G], timeout_s=420))
         return done[G]
 

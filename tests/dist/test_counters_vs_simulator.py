@@ -12,7 +12,8 @@ from comm.counters import CollKind, CommCounters
 from epserve.model.config import ModelConfig
 from placement.cluster import ClusterShape
 from placement.placement import contiguous_placement
-from placement.simulate import SimOptions, simulate
+from placement.predictor import SpeculativePredictor
+from placement.simulate import SimOptions, Strategy, simulate
 from tests.dist._grid import GPUS_PER_NODE
 
 
@@ -20,7 +21,7 @@ from tests.dist._grid import GPUS_PER_NODE
 @pytest.mark.parametrize("G", [2, 4])
 def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
     grid, per_rank = dist_grid(G)
-    checked = 0
+    checked = speculative = moved = 0
     for i, case in enumerate(grid.runner):
         if not case.record or case.stagger or case.prefill_chunk:
             continue
@@ -29,7 +30,8 @@ def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
         placement = case.placement or contiguous_placement(cfg.num_moe_layers, cfg.num_experts, cluster)
         placement = type(placement)(placement.expert_to_gpu_LE, cluster)
         res0 = per_rank[0]["runner"][i]
-        sim = simulate(res0["trace"], placement, case.strategy, prefill_T=res0["is_prefill"],
+        predictor = None if case.predictor_path is None else SpeculativePredictor.load(case.predictor_path)
+        sim = simulate(res0["trace"], placement, case.strategy, prefill_T=res0["is_prefill"], predictor=predictor,
                        options=SimOptions(attention_layers=cfg.num_layers))
         c = CommCounters.merged([CommCounters.from_rows(per_rank[r]["runner"][i]["counters"]) for r in range(G)])
         steps = res0["steps"]                        # step 0 prefills every prompt; the others are decode steps
@@ -44,4 +46,9 @@ def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
                 assert combine.calls == 1 and dispatch.calls == steps   # the prefill step's combine only
         assert c.total(CollKind.KV_COHERENCE).rows == sim.kv_entry_copies, case.name
         checked += 1
-    assert checked >= 10
+        if case.strategy.needs_predictor:   # the prediction must really have moved tokens somewhere
+            plain = Strategy.COHERENT if case.strategy.coherent else Strategy.TWO_A2A
+            base = simulate(res0["trace"], placement, plain, prefill_T=res0["is_prefill"])
+            speculative += 1
+            moved += not np.array_equal(base.dispatch_L, sim.dispatch_L)
+    assert checked >= 14 and speculative >= 4 and moved >= 2
