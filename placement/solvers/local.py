@@ -177,19 +177,24 @@ class _Chain:
 
 
 def solve_local(stats: TraceStats, cluster: ClusterShape, options: SolveOptions, *,
-                node_of_LE: np.ndarray | None = None, init_LE: np.ndarray | None = None) -> SolverResult:
+                node_of_LE: np.ndarray | None = None) -> SolverResult:
     chain = _Chain(stats, cluster, node_of_LE)
     rng = np.random.default_rng(options.seed)
     deadline = time.perf_counter() + options.time_limit
     best_p, best_value, rounds_run, restarts_run = None, -np.inf, 0, 0
+    next_report = time.perf_counter() + 5.0
     for restart in range(options.restarts):
         if restart and time.perf_counter() > deadline:
             break
-        p_LE = init_LE.copy() if (restart == 0 and init_LE is not None) else chain.random_start(rng)
+        p_LE = chain.random_start(rng)
         value = chain.total(p_LE) + chain.climb(p_LE, set(range(chain.L)), deadline)
-        for _ in range(options.rounds):
+        for k in range(options.rounds):
             if time.perf_counter() > deadline:
                 break
+            if time.perf_counter() > next_report:
+                options.report(f"local: start {restart + 1}/{options.restarts}, round {k}/{options.rounds}: "
+                               f"objective {value:.1f}")
+                next_report = time.perf_counter() + 5.0
             q_LE = p_LE.copy()
             dirty, delta = chain.perturb(q_LE, rng)
             delta += chain.climb(q_LE, dirty, deadline)
