@@ -137,7 +137,8 @@ def run_simulate(args) -> int:
     rows = comparison_rows(evaluate, placements, strategies, objectives=objectives, predictor=predictor,
                            options=options)
     summary = {"placement": str(args.placement), "evaluated_on": _evaluated_on(args.held_out, evaluate),
-               "objective_note": "surrogate objective on the evaluated tokens; bound = cheap bound there",
+               "objective_note": "the placement's surrogate on the evaluated tokens; upper bound: the cheap "
+                                 "bound there (sum of top-M pair weights), not a proven optimum",
                "rows": rows}
     _print(args, summary, rows, {"path": str(args.trace), "tokens": evaluate.num_tokens})
     return 0
@@ -190,6 +191,8 @@ def _print(args, summary: dict, rows: list[dict], trace_info: dict) -> None:
               f"gap {o['gap']:.2%}" + (f"; predictor {s['predictor']}" if "predictor" in s else ""))
     print(f"traffic on {summary['evaluated_on']} of {trace_info['path']}:")
     print(format_table(rows))
+    if "objective_note" in summary:
+        print(f"objective: {summary['objective_note']}")
     acc = summary.get("predictor_accuracy")
     if acc:
         print("predictor accuracy per layer (held out): " + " ".join(f"{a:.2f}" for a in acc["accuracy_L"]))
