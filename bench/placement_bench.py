@@ -8,7 +8,8 @@
     scale    DeepSeek-V3 shape (58 layers x 256 experts, top-8, 8 nodes x 8 GPUs) on a synthetic trace with
              planted affinity: wall, CPU, peak memory (each run in its own process); growth with L, E, G
 
-Writes bench/results/placement_bench.{json,md}. Run: nice -n 10 python bench/placement_bench.py [--quick]
+Writes bench/results/placement_bench.{json,md} (--part X redoes one part and keeps the others).
+Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|scale] [--quick]
 """
 
 from __future__ import annotations
@@ -212,12 +213,24 @@ def _scale_run(args: dict) -> dict:
     planted = Placement(planted_placement(spec, cluster.num_gpus), cluster)
     return {**args, "stats_s": stats_s, "wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
             "solve_wall_s": p.solver["time_s"], "solve_cpu_s": p.solver["cpu_s"],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": _peak_rss_mib(),
             "objective_vs_planted": p.objective["value"] / objective(stats, planted.expert_to_gpu_LE, cluster),
             "rounds_run": p.solver.get("rounds_run"), **{f"ours_{k}": v for k, v in _traffic(trace, p).items()},
             **{f"planted_{k}": v for k, v in _traffic(trace, planted).items()},
             **{f"contiguous_two_a2a_{k}": v for k, v in _traffic(
                 trace, solve(stats, cluster, SolveOptions(solver=SolverKind.CONTIGUOUS)), Strategy.TWO_A2A).items()}}
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the
+    forked parent, so a spawned child would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def scale(quick: bool) -> dict:
@@ -254,7 +267,8 @@ def scale(quick: bool) -> dict:
 
 # ---- report ---------------------------------------------------------------------------------------------------
 def markdown(results: dict) -> str:
-    md = ["# Placement benchmark", "", f"Run: `{results['command']}` on {results['host']}", ""]
+    runs = "; ".join(f"{part}: `{cmd}`" for part, cmd in results.get("commands", {}).items())
+    md = ["# Placement benchmark", "", f"Runs ({results['host']}): {runs}", ""]
     if "heldout" in results:
         h = results["heldout"]
         md += ["## Held-out traffic on real routing (FLAME-MoE-290M)", "", h["setup"], ""]
@@ -262,11 +276,12 @@ def markdown(results: dict) -> str:
             md += [f"### {c['nodes']} node(s) x {c['gpus_per_node']} GPUs (baseline {c['baseline_transfers']:.3f} "
                    "transfers per token-layer)", "",
                    "| placement | top-1 cross-GPU | coherent transfers/tok-layer | saved vs baseline | two_a2a "
-                   "transfers | LAR | mean |R| | cross-node (coherent) | max/mean load | solve s |",
+                   "transfers | LAR | mean |R| | cross-node coherent / two_a2a | max/mean load | solve s |",
                    "|---|---|---|---|---|---|---|---|---|---|"]
             md += [f"| {r['placement']} | {r['top1_cross_gpu_rate']:.3f} | {r['transfers_per_token_layer']:.3f} | "
                    f"{r['reduction_vs_baseline']:.1%} | {r['two_a2a']['transfers_per_token_layer']:.3f} | "
-                   f"{r['lar']:.3f} | {r['mean_distinct_ranks']:.2f} | {r['cross_node_transfers']} | "
+                   f"{r['lar']:.3f} | {r['mean_distinct_ranks']:.2f} | {r['cross_node_transfers']} / "
+                   f"{r['two_a2a']['cross_node_transfers']} | "
                    f"{r['load_max_over_mean']:.2f} | {r['solve_s']:.1f} |" for r in c["rows"]]
             md.append("")
         md += ["### Objective weights (8 GPUs, local)", "", "| slot_decay | coact_weight | fit top-1 | held-out "
@@ -306,17 +321,24 @@ def main() -> int:
     parser.add_argument("--part", choices=["heldout", "exact", "scale", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke run, not the figures)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
     args = parser.parse_args()
+    stem = "placement_bench" + ("_quick" if args.quick else "")
+    if args.render_only:
+        results = json.loads((args.out / f"{stem}.json").read_text())
+        (args.out / f"{stem}.md").write_text(markdown(results) + "\n")
+        return 0
     if args.part in ("heldout", "exact", "all") and not FLAME.is_file():
         print(f"the FLAME trace is absent: {FLAME}", file=sys.stderr)
         return 2
-    results = {"command": " ".join(["python"] + sys.argv), "host": f"{os.cpu_count()} CPUs (shared), "
-               f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"}
+    previous = args.out / f"{stem}.json"
+    results = json.loads(previous.read_text()) if args.part != "all" and previous.is_file() else {}
+    results["host"] = f"{os.cpu_count()} CPUs (shared), OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
     for part, fn in (("heldout", heldout), ("exact", exact), ("scale", scale)):
         if args.part in (part, "all"):
             results[part] = fn(args.quick)
+            results.setdefault("commands", {})[part] = " ".join(["python"] + sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "placement_bench" + ("_quick" if args.quick else "") + ("" if args.part == "all" else f"_{args.part}")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(results) + "\n")
     print(f"wrote {args.out / stem}.json and .md")

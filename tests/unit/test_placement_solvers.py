@@ -108,3 +108,16 @@ def test_solver_options_are_validated():
         SolverKind.parse("greedy")
     with pytest.raises(InputError, match="12 experts cannot be split evenly over 8 GPUs"):
         solve(_stats(num_experts=12, num_clusters=4), ClusterShape(gpus_per_node=8))
+
+
+@pytest.mark.slow
+def test_ilp_proves_optimality_at_8_layers_16_experts_4_gpus():
+    """The size the column model is for (bench/placement_bench.py times it; here only exactness counts)."""
+    spec = SyntheticSpec(num_tokens=2000, num_layers=8, num_experts=16, top_k=2, num_clusters=8, noise=0.5, seed=1)
+    st = compute_stats(synthetic_trace(spec))
+    cluster = ClusterShape(gpus_per_node=4)
+    exact = solve(st, cluster, SolveOptions(solver=SolverKind.ILP, time_limit=300))
+    assert exact.solver["status"] == "optimal" and exact.objective["gap"] < 1e-4
+    local = solve(st, cluster, SolveOptions())
+    assert exact.objective["value"] >= local.objective["value"]
+    assert local.objective["value"] >= 0.97 * exact.objective["upper_bound"]
