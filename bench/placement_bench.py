@@ -266,6 +266,11 @@ def scale(quick: bool) -> dict:
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
+def _md_table(headers: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
 def markdown(results: dict) -> str:
     runs = "; ".join(f"{part}: `{cmd}`" for part, cmd in results.get("commands", {}).items())
     md = ["# Placement benchmark", "", f"Runs ({results['host']}): {runs}", ""]
@@ -274,45 +279,48 @@ def markdown(results: dict) -> str:
         md += ["## Held-out traffic on real routing (FLAME-MoE-290M)", "", h["setup"], ""]
         for c in h["clusters"]:
             md += [f"### {c['nodes']} node(s) x {c['gpus_per_node']} GPUs (baseline {c['baseline_transfers']:.3f} "
-                   "transfers per token-layer)", "",
-                   "| placement | top-1 cross-GPU | coherent transfers/tok-layer | saved vs baseline | two_a2a "
-                   "transfers | LAR | mean |R| | cross-node coherent / two_a2a | max/mean load | solve s |",
-                   "|---|---|---|---|---|---|---|---|---|---|"]
-            md += [f"| {r['placement']} | {r['top1_cross_gpu_rate']:.3f} | {r['transfers_per_token_layer']:.3f} | "
-                   f"{r['reduction_vs_baseline']:.1%} | {r['two_a2a']['transfers_per_token_layer']:.3f} | "
-                   f"{r['lar']:.3f} | {r['mean_distinct_ranks']:.2f} | {r['cross_node_transfers']} / "
-                   f"{r['two_a2a']['cross_node_transfers']} | "
-                   f"{r['load_max_over_mean']:.2f} | {r['solve_s']:.1f} |" for r in c["rows"]]
-            md.append("")
-        md += ["### Objective weights (8 GPUs, local)", "", "| slot_decay | coact_weight | fit top-1 | held-out "
-               "top-1 | coherent transfers | saved |", "|---|---|---|---|---|---|"]
-        md += [f"| {r['slot_decay']} | {r['coact_weight']} | {r['fit_top1']:.3f} | {r['top1_cross_gpu_rate']:.3f} | "
-               f"{r['transfers_per_token_layer']:.3f} | {r['reduction_vs_baseline']:.1%} |" for r in h["surrogates"]]
+                   "transfers per token-layer)", ""]
+            md += _md_table(
+                ["placement", "top-1 cross-GPU", "coherent transfers/tok-layer", "saved vs baseline",
+                 "two_a2a transfers", "LAR", "mean |R|", "cross-node coherent / two_a2a", "max/mean load", "solve s"],
+                [[r["placement"], f"{r['top1_cross_gpu_rate']:.3f}", f"{r['transfers_per_token_layer']:.3f}",
+                  f"{r['reduction_vs_baseline']:.1%}", f"{r['two_a2a']['transfers_per_token_layer']:.3f}",
+                  f"{r['lar']:.3f}", f"{r['mean_distinct_ranks']:.2f}",
+                  f"{r['cross_node_transfers']} / {r['two_a2a']['cross_node_transfers']}",
+                  f"{r['load_max_over_mean']:.2f}", f"{r['solve_s']:.1f}"] for r in c["rows"]])
+        md += ["### Objective weights (8 GPUs, local)", ""]
+        md += _md_table(["slot_decay", "coact_weight", "fit top-1", "held-out top-1", "coherent transfers", "saved"],
+                        [[r["slot_decay"], r["coact_weight"], f"{r['fit_top1']:.3f}", f"{r['top1_cross_gpu_rate']:.3f}",
+                          f"{r['transfers_per_token_layer']:.3f}", f"{r['reduction_vs_baseline']:.1%}"]
+                         for r in h["surrogates"]])
         f = h["floor"]
-        md += ["", f"Floor: a placement fitted to co-activation alone has mean |R| = {f['mean_distinct_ranks_held_out']:.2f} "
+        md += [f"Floor: a placement fitted to co-activation alone has mean |R| = {f['mean_distinct_ranks_held_out']:.2f} "
                f"on held-out tokens ({f['fit_mean_distinct_ranks']:.2f} on fitted ones); coherent traffic is at least "
                f"2|R| - 2 = {f['coherent_floor_transfers']:.3f}, i.e. at most {f['floor_reduction_vs_baseline']:.1%} "
                "below the baseline even if every token started on one of its expert ranks.", ""]
     if "exact" in results:
         e = results["exact"]
-        md += ["## Exactness (ilp)", "", e["setup"], "", "| instance | ilp status | objective | upper bound | gap | "
-               "wall s | CPU s | local gap to bound | naive x/y gap |", "|---|---|---|---|---|---|---|---|---|"]
-        md += [f"| {r['instance']} | {r['ilp_status']} | {r['ilp_objective']:.1f} | {r['ilp_upper_bound']:.1f} | "
-               f"{r['ilp_gap']:.4%} | {r['ilp_wall_s']:.1f} | {r['ilp_cpu_s']:.1f} | {r['local_gap_to_ilp_bound']:.3%} | "
-               + (f"{r['naive_xy']['gap']:.1%} (objective {r['naive_xy']['objective']:.1f})" if "naive_xy" in r
-                  else "-") + " |" for r in e["rows"]]
-        md.append("")
+        md += ["## Exactness (ilp)", "", e["setup"], ""]
+        md += _md_table(
+            ["instance", "ilp status", "objective", "upper bound", "gap", "wall s", "CPU s", "local gap to bound",
+             "naive x/y gap"],
+            [[r["instance"], r["ilp_status"], f"{r['ilp_objective']:.1f}", f"{r['ilp_upper_bound']:.1f}",
+              f"{r['ilp_gap']:.4%}", f"{r['ilp_wall_s']:.1f}", f"{r['ilp_cpu_s']:.1f}",
+              f"{r['local_gap_to_ilp_bound']:.3%}",
+              f"{r['naive_xy']['gap']:.1%} (objective {r['naive_xy']['objective']:.1f})" if "naive_xy" in r else "-"]
+             for r in e["rows"]])
     if "scale" in results:
         s = results["scale"]
-        md += ["## Scale (local / hierarchical)", "", s["setup"], "", "| L | E | GPUs | solver | options | solve wall s "
-               "| solve CPU s | peak RSS MiB | objective / planted | top-1 ours / planted | coherent transfers ours "
-               "| contiguous two_a2a |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        md += [f"| {r['spec']['num_layers']} | {r['spec']['num_experts']} | {r['nodes'] * r['gpus_per_node']} | "
-               f"{r['solver']} | {r['options']} | {r['solve_wall_s']:.1f} | {r['solve_cpu_s']:.1f} | "
-               f"{r['peak_rss_mib']:.0f} | {r['objective_vs_planted']:.4f} | {r['ours_top1_cross_gpu_rate']:.3f} / "
-               f"{r['planted_top1_cross_gpu_rate']:.3f} | {r['ours_transfers_per_token_layer']:.3f} | "
-               f"{r['contiguous_two_a2a_transfers_per_token_layer']:.3f} |" for r in s["rows"]]
-        md.append("")
+        md += ["## Scale (local / hierarchical)", "", s["setup"], ""]
+        md += _md_table(
+            ["L", "E", "GPUs", "solver", "options", "solve wall s", "solve CPU s", "peak RSS MiB",
+             "objective / planted", "top-1 ours / planted", "coherent transfers ours", "contiguous two_a2a"],
+            [[r["spec"]["num_layers"], r["spec"]["num_experts"], r["nodes"] * r["gpus_per_node"], r["solver"],
+              r["options"], f"{r['solve_wall_s']:.1f}", f"{r['solve_cpu_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
+              f"{r['objective_vs_planted']:.4f}",
+              f"{r['ours_top1_cross_gpu_rate']:.3f} / {r['planted_top1_cross_gpu_rate']:.3f}",
+              f"{r['ours_transfers_per_token_layer']:.3f}", f"{r['contiguous_two_a2a_transfers_per_token_layer']:.3f}"]
+             for r in s["rows"]])
     return "\n".join(md)
 
 
