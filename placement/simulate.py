@@ -54,7 +54,7 @@ from enum import Enum
 
 import numpy as np
 
-from placement.errors import InputError, PlacementError, TraceError
+from placement.errors import InputError, PlacementError, TraceError, parse_enum
 from placement.placement import Placement
 from placement.trace import RoutingTrace
 
@@ -78,10 +78,7 @@ class Strategy(Enum):
 
     @classmethod
     def parse(cls, name: str) -> "Strategy":
-        try:
-            return cls(name)
-        except ValueError:
-            raise InputError(f"unknown strategy {name!r} (choose from {', '.join(s.value for s in cls)})") from None
+        return parse_enum(cls, name, "strategy")
 
 
 @dataclass(frozen=True, kw_only=True)
