@@ -54,7 +54,10 @@ class MoEModel(nn.Module):
         """``experts[moe_index]``: global expert ids held in that MoE layer (None, or a missing layer: all)."""
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Weights always come from a checkpoint. Passing the tensor skips nn.Embedding's random init, which
+        # on the meta device imports torch._dynamo (2.5-5 s per spawned rank).
+        V, D = config.vocab_size, config.hidden_size
+        self.embed_tokens = nn.Embedding(V, D, _weight=torch.empty(V, D))
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, self.rotary,
