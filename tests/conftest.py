@@ -37,3 +37,21 @@ def flame_decoder_trace_path() -> Path:
         pytest.skip("real routing traces not found: ../shared/traces/flame-moe-290m is absent "
                     "(set EPSERVE_SHARED_TRACES to its traces/ folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory ``(family, *, seed=0, fused_experts=False, **config_overrides) -> Path`` of a tiny random HF
+    checkpoint (tests/tiny_models.py), built once per pytest session for each distinct set of arguments.
+    Treat the directory as read-only; copy it (shutil.copytree) before editing."""
+    from tests.tiny_models import make_tiny_checkpoint
+
+    cache: dict[str, Path] = {}
+
+    def make(family, **kwargs) -> Path:
+        key = repr((str(getattr(family, "value", family)), sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = make_tiny_checkpoint(family, tmp_path_factory.mktemp("tiny_ckpt"), **kwargs)
+        return cache[key]
+
+    return make

@@ -1,0 +1,326 @@
+"""Load a Hugging Face MoE checkpoint directory, reading only the experts this rank holds.
+
+    dir --config.json--> ModelConfig
+        --*.safetensors headers (no tensor data)--> name -> (file, shape, dtype)
+        --plan: every weight of the model -> its checkpoint tensor (per-expert or fused layout);
+          check every name, shape and dtype of the WHOLE checkpoint, and that nothing is left over
+        --read the non-expert tensors and only the selected experts (safe_open, one tensor at a time)-->
+        MoEModel (built on the meta device, weights assigned) + LoadReport (bytes read)
+
+Checkpoint tensor names (the hub's):
+    model.embed_tokens.weight, model.norm.weight, lm_head.weight (absent when tied)
+    model.layers.N.{input_layernorm,post_attention_layernorm}.weight
+    model.layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}, model.layers.N.self_attn.{q,k}_norm.weight
+    Mixtral:  model.layers.N.block_sparse_moe.gate.weight, ...block_sparse_moe.experts.E.{w1,w3,w2}.weight
+    others:   model.layers.N.mlp.gate.weight, model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight
+              model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight, ...mlp.shared_expert_gate.weight
+              dense layers: model.layers.N.mlp.{gate,up,down}_proj.weight
+    fused (transformers' in-memory layout, any family): model.layers.N.mlp.experts.gate_up_proj [E, 2I, D]
+              (gate rows first), model.layers.N.mlp.experts.down_proj [E, D, I]; Mixtral's router is then
+              model.layers.N.mlp.gate.weight
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from epserve.model.config import CheckpointError, ModelConfig, ModelFamily, QKNorm
+from epserve.model.model import MoEModel
+from placement.errors import PlacementError
+
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # computed buffers some old checkpoints carry
+_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadReport:
+    """What was read from disk: bytes as stored in the files (before any dtype conversion)."""
+
+    expert_bytes: int         # routed-expert weights read
+    other_bytes: int          # everything else (embeddings, attention, norms, routers, shared/dense MLPs)
+    tensors_read: int         # tensor (or tensor-slice) reads
+    expert_tensors_read: int
+    files: tuple[str, ...]    # the safetensors files of the checkpoint
+
+    @property
+    def total_bytes(self) -> int:
+        return self.expert_bytes + self.other_bytes
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one model weight comes from: a whole tensor, or expert ``index`` (rows ``rows``) of a fused one."""
+
+    tensor: str
+    index: int | None = None
+    rows: slice | None = None
+    expert: tuple[int, int] | None = None  # (moe_index, expert id) for routed-expert weights
+
+
+@dataclass(frozen=True)
+class _Header:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def load_model(model_dir: str | Path, *, experts: Mapping[int, Iterable[int]] | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+               ) -> tuple[MoEModel, LoadReport]:
+    """Load ``model_dir`` (config.json + *.safetensors). ``experts[moe_index]``: the global expert ids to load
+    in that MoE layer (None: all experts of every layer; a layer missing from the mapping loads none).
+    Raises CheckpointError (naming the file and tensor / field) before reading any tensor data."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    selected = _select_experts(config, experts)
+    headers = _read_headers(model_dir)
+    expected = _expected_tensors(config, headers)
+    _check_checkpoint(config, expected, headers, model_dir)
+
+    with torch.device("meta"):
+        model = MoEModel(config, experts=selected)
+    sources = _weight_sources(config, model, headers)
+    state, report = _read(sources, expected, headers, dtype=dtype, device=device)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.to(device)
+    model.requires_grad_(False).eval()
+    return model, report
+
+
+# ---- which experts -------------------------------------------------------------------------------------
+def _select_experts(config: ModelConfig, experts) -> dict[int, tuple[int, ...]]:
+    L, E = config.num_moe_layers, config.num_experts
+    if experts is None:
+        return {i: tuple(range(E)) for i in range(L)}
+    bad_layers = [i for i in experts if not isinstance(i, int) or not 0 <= i < L]
+    if bad_layers:
+        raise PlacementError(f"experts to load: MoE layer index {bad_layers[0]!r} out of range [0, {L})")
+    out = {}
+    for i in range(L):
+        ids = tuple(sorted(int(e) for e in experts.get(i, ())))
+        if len(set(ids)) != len(ids) or any(not 0 <= e < E for e in ids):
+            raise PlacementError(f"experts to load in MoE layer {i}: {list(ids)} must be distinct ids in [0, {E})")
+        out[i] = ids
+    return out
+
+
+# ---- the checkpoint's headers ----------------------------------------------------------------------------
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    """As transformers: the shards named by model.safetensors.index.json, else model.safetensors, else every
+    *.safetensors file (a hub repo may also hold e.g. a consolidated.safetensors in another naming)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard '{missing[0]}', which is not in {model_dir}")
+        return [model_dir / n for n in names]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors files (other weight formats are not supported)")
+    return files
+
+
+def _read_headers(model_dir: Path) -> dict[str, _Header]:
+    files = _checkpoint_files(model_dir)
+    headers: dict[str, _Header] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name in headers:
+                        raise CheckpointError(f"tensor '{name}' appears in both {headers[name].file.name} and "
+                                              f"{file.name}")
+                    sl = f.get_slice(name)
+                    headers[name] = _Header(file, tuple(sl.get_shape()), sl.get_dtype())
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    return headers
+
+
+def _layer_prefix(config: ModelConfig, headers: Mapping[str, _Header], i: int) -> str:
+    """Mixtral's MoE block is ``block_sparse_moe`` on the hub and ``mlp`` in transformers' own naming."""
+    mlp = f"model.layers.{i}.mlp"
+    if config.family is ModelFamily.MIXTRAL and f"{mlp}.gate.weight" not in headers:
+        return f"model.layers.{i}.block_sparse_moe"
+    return mlp
+
+
+def _is_fused(headers: Mapping[str, _Header], prefix: str) -> bool:
+    return f"{prefix}.experts.gate_up_proj" in headers or f"{prefix}.experts.down_proj" in headers
+
+
+def _expert_tensor(config: ModelConfig, prefix: str, e: int, proj: str) -> str:
+    if config.family is ModelFamily.MIXTRAL and prefix.endswith("block_sparse_moe"):
+        return f"{prefix}.experts.{e}.{_MIXTRAL_EXPERT[proj]}.weight"
+    return f"{prefix}.experts.{e}.{proj}.weight"
+
+
+def _expected_tensors(config: ModelConfig, headers: Mapping[str, _Header]) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must hold (all experts of every layer), with its shape."""
+    D, V, H, Hkv, d = config.hidden_size, config.vocab_size, config.num_heads, config.num_kv_heads, config.head_dim
+    E, I = config.num_experts, config.moe_intermediate_size
+    out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = out[f"{p}.post_attention_layernorm.weight"] = (D,)
+        for proj, rows in (("q_proj", H * d), ("k_proj", Hkv * d), ("v_proj", Hkv * d)):
+            out[f"{p}.self_attn.{proj}.weight"] = (rows, D)
+            if config.qkv_bias:
+                out[f"{p}.self_attn.{proj}.bias"] = (rows,)
+        out[f"{p}.self_attn.o_proj.weight"] = (D, H * d)
+        if config.o_bias:
+            out[f"{p}.self_attn.o_proj.bias"] = (D,)
+        if config.qk_norm is QKNorm.PER_HEAD:
+            out[f"{p}.self_attn.q_norm.weight"] = out[f"{p}.self_attn.k_norm.weight"] = (d,)
+        elif config.qk_norm is QKNorm.FULL:
+            out[f"{p}.self_attn.q_norm.weight"], out[f"{p}.self_attn.k_norm.weight"] = (H * d,), (Hkv * d,)
+        if config.moe_index(i) is None:
+            _swiglu(out, f"{p}.mlp", D, config.dense_intermediate_size)
+            continue
+        m = _layer_prefix(config, headers, i)
+        out[f"{m}.gate.weight"] = (E, D)
+        if _is_fused(headers, m):
+            out[f"{m}.experts.gate_up_proj"], out[f"{m}.experts.down_proj"] = (E, 2 * I, D), (E, D, I)
+        else:
+            for e in range(E):
+                for proj, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
+                    out[_expert_tensor(config, m, e, proj)] = shape
+        if config.shared_expert_intermediate_size:
+            _swiglu(out, f"{m}.shared_expert", D, config.shared_expert_intermediate_size)
+            out[f"{m}.shared_expert_gate.weight"] = (1, D)
+    return out
+
+
+def hub_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of ``config``'s checkpoint in the hub's per-expert layout."""
+    return _expected_tensors(config, {})
+
+
+def _swiglu(out: dict, prefix: str, D: int, I: int) -> None:
+    out[f"{prefix}.gate_proj.weight"] = out[f"{prefix}.up_proj.weight"] = (I, D)
+    out[f"{prefix}.down_proj.weight"] = (D, I)
+
+
+def _check_checkpoint(config: ModelConfig, expected: Mapping[str, tuple[int, ...]],
+                      headers: Mapping[str, _Header], model_dir: Path) -> None:
+    files = ", ".join(sorted({h.file.name for h in headers.values()}))
+    for name, shape in expected.items():
+        h = headers.get(name)
+        if h is None:
+            raise CheckpointError(f"{model_dir}: tensor '{name}' is missing (looked in {files})")
+        if h.shape != shape:
+            raise CheckpointError(f"{h.file}: tensor '{name}' has shape {list(h.shape)}, the config implies "
+                                  f"{list(shape)}")
+        if h.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{h.file}: tensor '{name}' has dtype {h.dtype}; only "
+                                  f"{'/'.join(_FLOAT_DTYPES)} weights are supported")
+    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    extra = sorted(n for n in headers if n not in expected and n not in allowed
+                   and not n.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{headers[extra[0]].file}: unexpected tensor '{extra[0]}'{more}: the "
+                              f"{config.family.value} model described by config.json has no such weight")
+
+
+# ---- from model weights to checkpoint tensors --------------------------------------------------------------
+def _weight_sources(config: ModelConfig, model: MoEModel, headers: Mapping[str, _Header]) -> dict[str, _Source]:
+    I = config.moe_intermediate_size
+    out: dict[str, _Source] = {}
+    for name in model.state_dict():
+        parts = name.split(".")
+        if parts[0] != "layers":
+            out[name] = _Source({"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                                 "lm_head.weight": "model.embed_tokens.weight" if config.tie_word_embeddings
+                                 else "lm_head.weight"}[name])
+            continue
+        i, module, rest = int(parts[1]), parts[2], ".".join(parts[3:])
+        p = f"model.layers.{i}"
+        if module in ("input_norm", "post_attn_norm"):
+            out[name] = _Source(f"{p}.{'input_layernorm' if module == 'input_norm' else 'post_attention_layernorm'}"
+                                f".{rest}")
+        elif module == "attn":
+            out[name] = _Source(f"{p}.self_attn.{rest}")
+        elif config.moe_index(i) is None:
+            out[name] = _Source(f"{p}.mlp.{rest}")
+        else:
+            m = _layer_prefix(config, headers, i)
+            if rest == "router.weight":
+                out[name] = _Source(f"{m}.gate.weight")
+            elif parts[3] == "experts":
+                e, proj = int(parts[4]), parts[5]
+                key = (config.moe_index(i), e)
+                if not _is_fused(headers, m):
+                    out[name] = _Source(_expert_tensor(config, m, e, proj), expert=key)
+                elif proj == "down_proj":
+                    out[name] = _Source(f"{m}.experts.down_proj", index=e, expert=key)
+                else:
+                    rows = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
+                    out[name] = _Source(f"{m}.experts.gate_up_proj", index=e, rows=rows, expert=key)
+            else:
+                out[name] = _Source(f"{m}.{rest}")
+    return out
+
+
+def _read(sources: Mapping[str, _Source], expected: Mapping[str, tuple[int, ...]],
+          headers: Mapping[str, _Header], *, dtype: torch.dtype, device) -> tuple[dict, LoadReport]:
+    """Read each needed tensor (or fused expert slice) once; count the bytes as stored."""
+    missing = [s.tensor for s in sources.values() if s.tensor not in expected]
+    if missing:  # a bug in the plan, not in the checkpoint
+        raise AssertionError(f"weight source {missing[0]} was not checked")
+    state, cache = {}, {}
+    uses = Counter((s.tensor, s.index) for s in sources.values())  # >1: tied embeddings, fused gate/up
+    expert_bytes = other_bytes = reads = expert_reads = 0
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for name, src in sources.items():
+            key = (src.tensor, src.index)
+            if key not in cache:
+                h = headers[src.tensor]
+                if h.file not in handles:
+                    try:
+                        handles[h.file] = stack.enter_context(safe_open(h.file, framework="pt"))
+                    except SafetensorError as exc:
+                        raise CheckpointError(f"{h.file}: not a readable safetensors file ({exc})") from None
+                try:
+                    t = (handles[h.file].get_tensor(src.tensor) if src.index is None
+                         else handles[h.file].get_slice(src.tensor)[src.index])
+                except SafetensorError as exc:
+                    raise CheckpointError(f"{h.file}: cannot read tensor '{src.tensor}' ({exc})") from None
+                nbytes = t.numel() * _FLOAT_DTYPES[h.dtype]
+                reads += 1
+                if src.expert is None:
+                    other_bytes += nbytes
+                else:
+                    expert_bytes += nbytes
+                    expert_reads += 1
+                cache[key] = t
+            t = cache[key] if src.rows is None else cache[key][src.rows]
+            state[name] = t.to(device=device, dtype=dtype).contiguous()
+            uses[key] -= 1
+            if not uses[key]:
+                del cache[key]  # keep at most one host copy of a tensor alive
+    report = LoadReport(expert_bytes=expert_bytes, other_bytes=other_bytes, tensors_read=reads,
+                        expert_tensors_read=expert_reads,
+                        files=tuple(sorted({str(h.file) for h in headers.values()})))
+    return state, report
