@@ -1,0 +1,160 @@
+"""Routing statistics: what the placement solvers optimise.
+
+Shapes: T tokens, L MoE layers, K experts per token (top-k), E experts per layer, G GPUs, N nodes,
+M = E/G experts per GPU per layer.
+
+    RoutingTrace --compute_stats--> TraceStats(affinity [L-1,E,E], coact [L,E,E], load [L,E])
+                                        |
+    Placement --------------------> objective(stats, expert_to_gpu_LE, cluster)  (what solvers maximise)
+                                    objective_upper_bound(stats, cluster)         (valid for every placement)
+
+The objective is linear in pairwise co-location. For a pair of experts (i at layer l, j at layer l or l+1)
+placed on GPUs g and h it earns the pair's weight times ``saving[g, h]``: 1 on the same GPU, ``1 - alpha``
+on two GPUs of the same node and 0 across nodes, where ``alpha = intra_node_cost / inter_node_cost`` (on one
+node: 1 on the same GPU, 0 otherwise). So ``objective = alpha * gpu_colocated + (1 - alpha) * node_colocated``.
+
+Weights (``StatsOptions``): a token that picks expert i in slot s (0 = top-1) at layer l and j in slot d at
+layer l+1 adds ``slot_decay ** (s + d)`` to ``affinity[l, i, j]`` (times both router weights when
+``weighted``); ``slot_decay = 0`` keeps only top-1 -> top-1 pairs, 1 counts every pair alike. Two experts
+i != j picked together at layer l add ``coact_weight * slot_decay ** (s + d)`` to ``coact[l, i, j]``
+(symmetric; each unordered pair counts once in the objective). These are a linear surrogate for the
+coherent strategy's traffic (simulate.py), which is what the reports show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from placement.cluster import ClusterShape
+from placement.errors import InputError
+from placement.trace import RoutingTrace
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsOptions:
+    slot_decay: float = 0.5     # weight of a pair of choices in slots (s, d) is slot_decay ** (s + d)
+    coact_weight: float = 0.5   # weight of intra-layer co-activation relative to inter-layer affinity
+    weighted: bool = False      # also multiply each pair by its two router weights
+
+    def __post_init__(self) -> None:
+        for name in ("slot_decay", "coact_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise InputError(f"stats option {name} must be a finite number >= 0, got {value!r}")
+        if self.slot_decay > 1:
+            raise InputError(f"stats option slot_decay must be in [0, 1], got {self.slot_decay}")
+
+    def to_dict(self) -> dict:
+        return {"slot_decay": self.slot_decay, "coact_weight": self.coact_weight, "weighted": self.weighted}
+
+
+@dataclass(frozen=True, eq=False)
+class TraceStats:
+    """What a solver sees of a trace. Arrays are float64 sums over the trace's tokens."""
+
+    affinity_LEE: np.ndarray    # [L-1, E, E] pair weight between expert i at layer l and j at l+1
+    coact_LEE: np.ndarray       # [L, E, E] symmetric, zero diagonal, already times coact_weight
+    load_LE: np.ndarray         # [L, E] activations per expert
+    num_tokens: int
+    top_k: int
+    options: StatsOptions
+
+    def __post_init__(self) -> None:
+        L, E = self.load_LE.shape
+        if self.affinity_LEE.shape != (max(L - 1, 0), E, E) or self.coact_LEE.shape != (L, E, E):
+            raise InputError(f"stats shapes disagree: affinity {self.affinity_LEE.shape}, coact "
+                             f"{self.coact_LEE.shape}, load {self.load_LE.shape}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.load_LE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.load_LE.shape[1]
+
+
+def compute_stats(trace: RoutingTrace, options: StatsOptions = StatsOptions()) -> TraceStats:
+    """Inter-layer affinity, intra-layer co-activation and load of a trace (vectorised over tokens)."""
+    experts_TLK = trace.experts_TLK.astype(np.int64)
+    T, L, K = experts_TLK.shape
+    E = trace.num_experts
+    w_TLK = np.broadcast_to(options.slot_decay ** np.arange(K, dtype=np.float64), (T, L, K))
+    if options.weighted:
+        w_TLK = w_TLK * trace.weights_TLK
+    affinity_LEE = np.stack([_pair_sums(experts_TLK[:, l], w_TLK[:, l], experts_TLK[:, l + 1], w_TLK[:, l + 1], E)
+                             for l in range(L - 1)]) if L > 1 else np.zeros((0, E, E))
+    coact_LEE = np.zeros((L, E, E))
+    if K > 1 and options.coact_weight > 0:
+        for l in range(L):
+            coact_LEE[l] = _pair_sums(experts_TLK[:, l], w_TLK[:, l], experts_TLK[:, l], w_TLK[:, l], E)
+            np.fill_diagonal(coact_LEE[l], 0.0)
+        coact_LEE *= options.coact_weight
+
+    layer_TLK = np.broadcast_to(np.arange(L)[None, :, None], experts_TLK.shape)
+    load_LE = np.bincount((layer_TLK * E + experts_TLK).ravel(), minlength=L * E).reshape(L, E).astype(np.float64)
+    return TraceStats(affinity_LEE, coact_LEE, load_LE, T, K, options)
+
+
+def _pair_sums(a_TK: np.ndarray, wa_TK: np.ndarray, b_TK: np.ndarray, wb_TK: np.ndarray, E: int) -> np.ndarray:
+    """[E, E] sum over tokens and slot pairs of wa * wb, at (a, b)."""
+    pair_TKK = a_TK[:, :, None] * E + b_TK[:, None, :]
+    w_TKK = wa_TK[:, :, None] * wb_TK[:, None, :]
+    return np.bincount(pair_TKK.ravel(), w_TKK.ravel(), minlength=E * E).reshape(E, E)
+
+
+def node_alpha(cluster: ClusterShape) -> float:
+    """Share of a co-location's saving that needs the same GPU (the rest needs only the same node)."""
+    if cluster.nodes == 1 or cluster.inter_node_cost == 0:
+        return 1.0
+    return min(cluster.intra_node_cost / cluster.inter_node_cost, 1.0)
+
+
+def saving_GG(cluster: ClusterShape) -> np.ndarray:
+    """[G, G] saving of a pair placed on GPUs (g, h): 1 same GPU, 1 - alpha same node, 0 across nodes."""
+    G, alpha = cluster.num_gpus, node_alpha(cluster)
+    node_G = np.arange(G) // cluster.gpus_per_node
+    same_node_GG = (node_G[:, None] == node_G[None, :]).astype(np.float64)
+    return alpha * np.eye(G) + (1.0 - alpha) * same_node_GG
+
+
+def objective(stats: TraceStats, expert_to_gpu_LE: np.ndarray, cluster: ClusterShape) -> float:
+    """Sum of pair weights times their saving under this placement (higher is better)."""
+    s_GG = saving_GG(cluster)
+    p_LE = np.asarray(expert_to_gpu_LE)
+    total = 0.0
+    for l in range(stats.num_layers - 1):
+        total += float((stats.affinity_LEE[l] * s_GG[p_LE[l][:, None], p_LE[l + 1][None, :]]).sum())
+    for l in range(stats.num_layers):
+        total += 0.5 * float((stats.coact_LEE[l] * s_GG[p_LE[l][:, None], p_LE[l][None, :]]).sum())
+    return total
+
+
+def colocation_bound(stats: TraceStats, capacity: int) -> float:
+    """Upper bound on the pair weight that can share a bin holding ``capacity`` experts of each layer.
+
+    Inter-layer: expert i of layer l shares its bin with exactly ``capacity`` experts of layer l+1, so at most
+    the sum of the ``capacity`` largest weights of its row (and likewise per column); the smaller of the
+    row-wise and column-wise sums is taken per layer pair. Intra-layer: expert i shares with ``capacity - 1``
+    others, so half the sum over i of its ``capacity - 1`` largest co-activations.
+    """
+    total = 0.0
+    for A_EE in stats.affinity_LEE:
+        rows = np.sort(A_EE, axis=1)[:, -capacity:].sum()
+        cols = np.sort(A_EE, axis=0)[-capacity:, :].sum()
+        total += min(rows, cols)
+    if capacity > 1:
+        for C_EE in stats.coact_LEE:
+            total += 0.5 * np.sort(C_EE, axis=1)[:, -(capacity - 1):].sum()
+    return float(total)
+
+
+def objective_upper_bound(stats: TraceStats, cluster: ClusterShape) -> float:
+    """A bound no placement on ``cluster`` can exceed (see ``colocation_bound``)."""
+    E, alpha = stats.num_experts, node_alpha(cluster)
+    bound = alpha * colocation_bound(stats, E // cluster.num_gpus)
+    if alpha < 1.0:
+        bound += (1.0 - alpha) * colocation_bound(stats, E // cluster.nodes)
+    return bound
