@@ -106,6 +106,7 @@ def phase_train(args, log) -> None:
          "torch": torch.__version__, "train_windows": len(train_stream) // cfg.window})
     ckpt = args.work_dir / "ckpt"
     ckpt.mkdir(parents=True, exist_ok=True)
+    (args.work_dir / "train_argv.json").write_text(json.dumps(sys.argv[1:]) + "\n")
     state = train(model, cfg, train_NS=windows_of(train_stream, cfg.window), eval_NS=eval_windows(held_out, cfg),
                   ckpt_dir=ckpt, max_seconds=args.max_minutes * 60, log=log)
     log({"event": "trained", "step": state["step"], "best_step": state["best_step"],
@@ -136,18 +137,29 @@ def phase_export(args, log) -> None:
 
 
 def phase_evaluate(args, log) -> None:
+    import torch
+    import transformers
+
+    from epserve.training.card import model_card
     from epserve.training.evaluate import evaluate_export
 
-    _, cfg, shape, _, _, held_out, info = _setup(args)
+    model, cfg, shape, _, _, held_out, info = _setup(args)
     state = json.loads((args.work_dir / "ckpt" / "state.json").read_text())
     report = evaluate_export(args.out, held_out, window=cfg.window, trace_windows=args.trace_windows,
                              trace_out=args.trace_out,
-                             chars_per_token=info["tokens"]["held_out_chars_per_token"], log=log)
-    report = {"command": "nice -n 10 python -m launch.train_default_model " + " ".join(sys.argv[1:]),
+                             chars_per_token=info["tokens"]["held_out_chars_per_token"], init_model=model,
+                             log=log)
+    argv_path = args.work_dir / "train_argv.json"
+    train_argv = [a for a in json.loads(argv_path.read_text()) if a not in ("--phase", "train")] \
+        if argv_path.is_file() else []
+    report = {"command": " ".join(["nice -n 10 python -m launch.train_default_model", *train_argv]),
               "corpus": info["corpus"], "tokens": info["tokens"], "shape": asdict(shape), "train": asdict(cfg),
+              "params": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
+              "transformers": transformers.__version__,
               "training": {k: state[k] for k in ("step", "best_step", "best_eval", "train_seconds", "history")},
               **report}
     (args.out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "MODEL_CARD.md").write_text(model_card(report))
     log({"event": "evaluated", "held_out_loss": report["held_out"]["loss_nats_per_token"]})
 
 

@@ -5,9 +5,9 @@ Shapes: N windows, S tokens per window, T tokens (= N * S), L MoE layers, K = to
     model folder --AutoModelForCausalLM--> every held-out window: logits + router logits
         --> held-out loss / perplexity
         --> routing experts_TLK, weights_TLK (softmax -> top-k -> renormalised, as Mixtral routes)
-            --> expert load per layer, adjacent-layer mutual information (vs a shuffled control),
-                top-1 cross-GPU rate under contiguous placement
+            --> expert load per layer, adjacent-layer mutual information (vs a shuffled control)
             --> a RoutingTrace of evenly spread windows (--trace-out)
+            --> top-1 cross-GPU rate on the other windows: contiguous vs the local solver fitted on the trace
     prompts --greedy generate--> samples
 """
 
@@ -22,6 +22,11 @@ import numpy as np
 import torch
 
 from epserve.training.trainer import lm_loss, windows_of
+from placement.cluster import ClusterShape
+from placement.placement import contiguous_placement
+from placement.simulate import Strategy, simulate
+from placement.solvers import SolveOptions, SolverKind, solve
+from placement.stats import StatsOptions, compute_stats
 from placement.trace import RoutingTrace
 
 SAMPLE_PROMPTS = ("def ", "import os\n", "class ", "    for ")
@@ -63,23 +68,36 @@ def mutual_information_bits(a_T: np.ndarray, b_T: np.ndarray, num_experts: int) 
 
 
 def affinity_report(experts_TLK: np.ndarray, num_experts: int, *, seed: int) -> dict:
-    """Adjacent-layer MI of top-1 experts, the same with layer l+1 shuffled across tokens (control), and the
-    top-1 cross-GPU rate when experts sit in contiguous blocks on 2 and 4 GPUs."""
+    """Adjacent-layer MI of top-1 experts, and the same with layer l+1 shuffled across tokens (control)."""
     top1_TL = experts_TLK[:, :, 0].astype(np.int64)
     rng = np.random.default_rng(seed)
     L = top1_TL.shape[1]
     mi = [mutual_information_bits(top1_TL[:, l], top1_TL[:, l + 1], num_experts) for l in range(L - 1)]
     mi_shuffled = [mutual_information_bits(top1_TL[:, l], rng.permutation(top1_TL[:, l + 1]), num_experts)
                    for l in range(L - 1)]
-    contiguous = {}
-    for G in (2, 4):
-        gpu_TL = top1_TL // (num_experts // G)
-        contiguous[str(G)] = round(float((gpu_TL[:, 1:] != gpu_TL[:, :-1]).mean()), 4)
     return {"mi_bits_adjacent": [round(x, 4) for x in mi], "mi_bits_mean": round(float(np.mean(mi)), 4),
             "mi_bits_shuffled": [round(x, 4) for x in mi_shuffled],
             "mi_bits_shuffled_mean": round(float(np.mean(mi_shuffled)), 4),
-            "top1_entropy_bits_max": round(math.log2(num_experts), 4),
-            "top1_cross_gpu_rate_contiguous": contiguous}
+            "top1_entropy_bits_max": round(math.log2(num_experts), 4)}
+
+
+def placement_report(fit: RoutingTrace, test: RoutingTrace, *, gpus: tuple[int, ...] = (2, 4),
+                     seed: int = 0) -> dict:
+    """Top-1 cross-GPU rate on ``test`` with experts in contiguous blocks vs a placement that the ``local``
+    solver fits on ``fit`` (objective: top-1 -> top-1 affinity only, ExFlow's metric), for each GPU count."""
+    stats = compute_stats(fit, StatsOptions(slot_decay=0.0, coact_weight=0.0))
+    rate = lambda trace, p: round(simulate(trace, p, Strategy.COHERENT).top1_cross_gpu_rate, 4)  # noqa: E731
+    out = {"solver": "local", "stats_options": stats.options.to_dict(), "fit_tokens": fit.num_tokens,
+           "test_tokens": test.num_tokens, "contiguous": {}, "solved": {}, "solved_in_sample": {},
+           "solver_gap": {}}
+    for G in gpus:
+        cluster = ClusterShape(nodes=1, gpus_per_node=G)
+        solved = solve(stats, cluster, SolveOptions(solver=SolverKind.LOCAL, seed=seed, time_limit=60.0))
+        out["contiguous"][str(G)] = rate(test, contiguous_placement(test.num_layers, test.num_experts, cluster))
+        out["solved"][str(G)] = rate(test, solved)
+        out["solved_in_sample"][str(G)] = rate(fit, solved)
+        out["solver_gap"][str(G)] = round(float(solved.objective["gap"]), 4)
+    return out
 
 
 def greedy_samples(model, tokenizer) -> list[dict]:
@@ -95,23 +113,41 @@ def greedy_samples(model, tokenizer) -> list[dict]:
     return out
 
 
-def evaluate_export(model_dir: Path, held_out: np.ndarray, *, window: int, trace_windows: int,
-                    trace_out: Path, chars_per_token: float, log: Callable[[dict], None], seed: int = 0) -> dict:
-    """Everything the model card reports; ``chars_per_token`` (of the held-out stream) gives bits per char."""
+def routing_figures(model, windows_NS: np.ndarray, trace_rows: np.ndarray, *, seed: int) -> dict:
+    """Held-out loss, expert load, MI and placement rates of one model (the trace rows fit the placement,
+    every other held-out token measures it); also returns the routing arrays under "_routing"."""
+    E = model.config.num_local_experts
+    loss, experts_TLK, weights_TLK = route_and_score(model, windows_NS, batch=8)
+    load_LE = expert_load(experts_TLK, E)
+    fit = RoutingTrace(experts_TLK[trace_rows], weights_TLK[trace_rows], E)
+    test = RoutingTrace(np.delete(experts_TLK, trace_rows, 0), np.delete(weights_TLK, trace_rows, 0), E)
+    return {"loss": loss,
+            "expert_load": {"fraction_LE": np.round(load_LE, 4).tolist(),
+                            "max_over_mean_per_layer": np.round(load_LE.max(1) * E, 3).tolist(),
+                            "min_over_mean_per_layer": np.round(load_LE.min(1) * E, 3).tolist()},
+            "affinity": affinity_report(experts_TLK, E, seed=seed),
+            "placement": placement_report(fit, test, seed=seed),
+            "_routing": (experts_TLK, weights_TLK)}
+
+
+def evaluate_export(model_dir: Path, held_out: np.ndarray, *, window: int, trace_windows: int, trace_out: Path,
+                    chars_per_token: float, init_model, log: Callable[[dict], None], seed: int = 0) -> dict:
+    """Everything the model card reports. ``chars_per_token`` (of the held-out stream) gives bits per char;
+    ``init_model`` (the same architecture before training) is the control for the routing figures."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    E = model.config.num_local_experts
     windows_NS = windows_of(held_out, window)
-    loss, experts_TLK, weights_TLK = route_and_score(model, windows_NS, batch=8)
-    log({"event": "held_out_scored", "loss": round(loss, 4), "tokens": int(windows_NS.size),
-         "seconds": round(time.time() - t0)})
-    load_LE = expert_load(experts_TLK, E)
     pick = np.linspace(0, len(windows_NS) - 1, min(trace_windows, len(windows_NS))).round().astype(int)
     rows = (pick[:, None] * window + np.arange(window)[None, :]).ravel()
-    trace = RoutingTrace(experts_TLK[rows], weights_TLK[rows], E,
+    figures = routing_figures(model, windows_NS, rows, seed=seed)
+    experts_TLK, weights_TLK = figures.pop("_routing")
+    loss = figures.pop("loss")
+    log({"event": "held_out_scored", "loss": round(loss, 4), "tokens": int(windows_NS.size),
+         "seconds": round(time.time() - t0)})
+    trace = RoutingTrace(experts_TLK[rows], weights_TLK[rows], model.config.num_local_experts,
                          token_ids_T=windows_NS[pick].ravel().astype(np.int32),
                          seq_ids_T=np.repeat(pick, window).astype(np.int32),
                          positions_T=np.tile(np.arange(window), len(pick)).astype(np.int32),
@@ -122,16 +158,19 @@ def evaluate_export(model_dir: Path, held_out: np.ndarray, *, window: int, trace
                                "weights": "softmax over experts, top-k, renormalised (Mixtral routing)"})
     trace_out.parent.mkdir(parents=True, exist_ok=True)
     trace.save(trace_out)
+    control = routing_figures(init_model.eval(), windows_NS, rows, seed=seed)
+    control.pop("_routing")
+    log({"event": "init_control_scored", "loss": round(control["loss"], 4)})
     samples = greedy_samples(model, tokenizer)
     for s in samples:
         log({"event": "sample", "prompt": s["prompt"], "text": s["text"]})
     return {
         "held_out": {"loss_nats_per_token": round(loss, 4), "perplexity": round(math.exp(loss), 3),
-                     "bits_per_char": round(loss / math.log(2) / chars_per_token, 4), "tokens": int(windows_NS.size), "windows": int(len(windows_NS))},
-        "expert_load": {"fraction_LE": np.round(load_LE, 4).tolist(),
-                        "max_over_mean_per_layer": np.round(load_LE.max(1) * E, 3).tolist(),
-                        "min_over_mean_per_layer": np.round(load_LE.min(1) * E, 3).tolist()},
-        "affinity": affinity_report(experts_TLK, E, seed=seed),
+                     "bits_per_char": round(loss / math.log(2) / chars_per_token, 4),
+                     "tokens": int(windows_NS.size), "windows": int(len(windows_NS))},
+        **figures,
+        "init_control": {"what": "the same seeded model before training, same held-out windows",
+                         "loss_nats_per_token": round(control.pop("loss"), 4), **control},
         "trace": {"path": str(trace_out.name), "tokens": trace.num_tokens, "windows": pick.tolist(),
                   "bytes": trace_out.stat().st_size},
         "samples": samples,
