@@ -131,6 +131,7 @@ def phase_export(args, log) -> None:
     config_path = args.out / "config.json"
     config = json.loads(config_path.read_text())
     config.setdefault("rope_theta", shape.rope_theta)
+    config["eos_token_id"] = stops  # both stop tokens, as in generation_config.json
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log({"event": "exported", "out": str(args.out), "step": state["best_step"],
          "files": {p.name: p.stat().st_size for p in sorted(args.out.iterdir())}})

@@ -57,7 +57,7 @@ def model_card(report: dict) -> str:
         f"- Expert load (share of a layer's activations, 1.0 = even): max/mean per layer "
         f"{load['max_over_mean_per_layer']}, min/mean {load['min_over_mean_per_layer']}.",
         f"- Adjacent-layer mutual information of top-1 experts: {aff['mi_bits_mean']:.3f} bits on average "
-        f"(per pair {aff['mi_bits_adjacent']}), against {aff['mi_bits_shuffled_mean']:.3f} bits when layer "
+        f"(per pair {aff['mi_bits_adjacent']}), against {aff['mi_bits_shuffled_mean']:.4f} bits when layer "
         f"l+1 is shuffled across tokens (the maximum is {aff['top1_entropy_bits_max']:.0f} bits).",
         f"- Top-1 cross-GPU rate (fraction of token steps l -> l+1 whose top-1 expert changes GPU) on "
         f"{pl['test_tokens']:,} held-out tokens, with a placement that the `{pl['solver']}` solver fitted "

@@ -27,8 +27,19 @@ SHIPPED = ("config.json", "generation_config.json", "model.safetensors", "tokeni
            "training_report.json", "MODEL_CARD.md")
 
 # Greedy continuation of "def " (16 new tokens), recorded from the shipped weights after training.
-EXPECTED_DEF_IDS: list[int] = []
-EXPECTED_DEF_TEXT = ""
+# "def " ends in a lone space token, which the training text rarely has, so the greedy text is odd (an
+# encodings table comment); it pins the weights, not the model's taste.
+EXPECTED_DEF_IDS = [300, 226, 300, 226, 300, 226, 334, 93, 22, 17, 263, 300, 226, 334, 93, 343]
+EXPECTED_DEF_TEXT = " #  #  #  0x1,     #  0x00"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model runs fastest on one thread, and far slower on two when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---- shipped files ----------------------------------------------------------------------------------------
@@ -51,7 +62,7 @@ def test_config_is_a_valid_mixtral_config():
     assert raw["rope_theta"] == 10000.0 and config.max_position_embeddings == 512
     assert config.tie_word_embeddings is False and raw["dtype"] == "float32"
     gen = json.loads((MODEL_DIR / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == [1, 5] and gen["bos_token_id"] == 0
+    assert gen["eos_token_id"] == raw["eos_token_id"] == [1, 5] and gen["bos_token_id"] == raw["bos_token_id"] == 0
 
 
 def test_safetensors_use_the_hub_per_expert_layout():
@@ -124,10 +135,12 @@ def test_model_gives_finite_logits_that_prefer_python(hf_model, hf_tokenizer):
     with torch.no_grad():
         logits = hf_model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], 4096) and torch.isfinite(logits).all()
-    # after "import os\nimport " a trained model expects a module name far more than random text
-    probs = logits[0, 3].softmax(-1)
-    assert hf_tokenizer.decode([int(ids[0, 4])]) == " sys"
-    assert float(probs[ids[0, 4]]) > 1 / 4096 * 20
+    probs = logits[0].softmax(-1)
+    word = lambda i: hf_tokenizer.decode([int(i)])  # noqa: E731
+    # after "import os\n" a trained model expects another import (random weights: ~1/4096 each)
+    assert word(probs[3].argmax()) == "import" and float(probs[3].max()) > 0.5
+    # after "import os\nimport" it expects module names
+    assert {" os", " sys"} <= {word(i) for i in probs[4].topk(3).indices}
 
 
 def test_greedy_continuation_of_def_is_reproducible(hf_model, hf_tokenizer):
