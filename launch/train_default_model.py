@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from placement.errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "epserve" / "assets" / "default_model"
 DEFAULT_WORK = REPO_ROOT / "build" / "default_model"
@@ -42,13 +44,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="1 is fastest when the cores are shared (2 threads ran 3-5x slower under load)")
     p.add_argument("--trace-windows", type=int, default=64, help="held-out 512-token windows in the trace")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, low in (("steps", 1), ("threads", 1), ("trace_windows", 1), ("vocab_size", 512)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not args.max_minutes > 0:
+        p.error(f"--max-minutes must be > 0, got {args.max_minutes}")
+    return args
 
 
 def log_to(path: Path):
     def log(record: dict) -> None:
         line = json.dumps({"time": time.strftime("%H:%M:%S"), **record})
         print(line, flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(line + "\n")
     return log
@@ -65,6 +74,7 @@ def phase_prepare(args, log) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, args.out, max_length=512)
     train, held_out, stats = build_streams(corpus, tok, seed=args.seed)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     save_streams(args.work_dir, train, held_out, {"corpus": corpus.describe(), "tokens": stats,
                                                   "vocab_size": tok.get_vocab_size()})
     log({"event": "prepared", **stats})
@@ -105,12 +115,16 @@ def phase_train(args, log) -> None:
     log({"event": "model", "params": n_params, "shape": asdict(shape), "train": asdict(cfg),
          "torch": torch.__version__, "train_windows": len(train_stream) // cfg.window})
     ckpt = args.work_dir / "ckpt"
-    ckpt.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(parents=True, exist_ok=True)  # parents: the work dir too
     (args.work_dir / "train_argv.json").write_text(json.dumps(sys.argv[1:]) + "\n")
     state = train(model, cfg, train_NS=windows_of(train_stream, cfg.window), eval_NS=eval_windows(held_out, cfg),
                   ckpt_dir=ckpt, max_seconds=args.max_minutes * 60, log=log)
     log({"event": "trained", "step": state["step"], "best_step": state["best_step"],
          "best_eval": state["best_eval"], "train_seconds": round(state["train_seconds"])})
+
+
+def _train_state(args) -> dict:
+    return json.loads((args.work_dir / "ckpt" / "state.json").read_text())
 
 
 def phase_export(args, log) -> None:
@@ -120,7 +134,7 @@ def phase_export(args, log) -> None:
     from epserve.training.tokenizer import stop_token_ids
 
     model, cfg, shape, tok, *_ = _setup(args)
-    state = json.loads((args.work_dir / "ckpt" / "state.json").read_text())
+    state = _train_state(args)
     model.load_state_dict(torch.load(args.work_dir / "ckpt" / "best_model.pt", weights_only=True))
     model.config._experts_implementation = "eager"
     stops = stop_token_ids(tok)
@@ -145,7 +159,7 @@ def phase_evaluate(args, log) -> None:
     from epserve.training.evaluate import evaluate_export
 
     model, cfg, shape, _, _, held_out, info = _setup(args)
-    state = json.loads((args.work_dir / "ckpt" / "state.json").read_text())
+    state = _train_state(args)
     report = evaluate_export(args.out, held_out, window=cfg.window, trace_windows=args.trace_windows,
                              trace_out=args.trace_out,
                              chars_per_token=info["tokens"]["held_out_chars_per_token"], init_model=model,
@@ -166,9 +180,31 @@ def phase_evaluate(args, log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
     log = log_to(args.work_dir / "log.jsonl")
     phases = PHASES if args.phase == "all" else (args.phase,)
+    try:
+        _require_inputs(args, phases[0])  # before anything is written
+        run_phases(args, phases, log)
+    except InputError as exc:
+        print(f"train_default_model: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _require_inputs(args, phase: str) -> None:
+    """What a phase reads that an earlier phase writes; raises InputError naming the first missing file."""
+    needs = {"prepare": [],
+             "train": [args.work_dir / "train_tokens.npy", args.work_dir / "held_out_tokens.npy",
+                       args.work_dir / "corpus.json", args.out / "tokenizer.json"]}
+    needs["export"] = needs["train"] + [args.work_dir / "ckpt" / "state.json", args.work_dir / "ckpt" / "best_model.pt"]
+    needs["evaluate"] = needs["export"] + [args.out / "config.json", args.out / "model.safetensors"]
+    for path in needs[phase]:
+        if not path.is_file():
+            raise InputError(f"phase '{phase}' needs {path}, which is missing: run the earlier phases first "
+                             f"(or --phase all)")
+
+
+def run_phases(args, phases: tuple[str, ...], log) -> None:
     for phase in phases:
         done = {"prepare": (args.work_dir / "train_tokens.npy").is_file() and (args.out / "tokenizer.json").is_file(),
                 "train": (args.work_dir / "ckpt" / "state.json").is_file()}.get(phase, False)
@@ -177,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log({"event": "phase", "phase": phase})
         globals()[f"phase_{phase}"](args, log)
-    return 0
 
 
 if __name__ == "__main__":

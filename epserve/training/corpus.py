@@ -19,6 +19,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from placement.errors import InputError
+
 HELD_OUT_EVERY = 20  # file i (in sorted order) is held out when i % 20 == 19
 MAX_CHAT_ANSWER_CHARS = 2400  # longer definitions / topics are not turned into chat examples
 MAX_CHAT_PER_FILE = 12
@@ -42,7 +44,7 @@ class StdlibCorpus:
 
     def __post_init__(self) -> None:
         if not self.train or not self.held_out:
-            raise ValueError(f"stdlib corpus at {self.root} is empty or too small to split "
+            raise InputError(f"stdlib corpus at {self.root} is empty or too small to split "
                              f"({len(self.train)} train / {len(self.held_out)} held-out files)")
 
     def describe(self) -> dict:
@@ -64,7 +66,7 @@ def load_stdlib_corpus(root: str | Path | None = None) -> StdlibCorpus:
     """Read every ``*.py`` under the stdlib directory (default: this interpreter's), in sorted order."""
     root = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise FileNotFoundError(f"stdlib directory not found: {root}")
+        raise InputError(f"stdlib directory not found: {root}")
     paths = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*.py")
                    if "site-packages" not in p.relative_to(root).parts and p.is_file())
     train, held_out, skipped = [], [], []

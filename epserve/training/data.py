@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from epserve.training.corpus import StdlibCorpus, chat_examples
 from epserve.training.tokenizer import EOS, render_chat
+from placement.errors import InputError
 
 CHAT_COPIES = 2  # chat examples are ~6% of the text; seen twice per epoch so the chat format is learnt
 
@@ -23,7 +24,7 @@ def encode_documents(tok: Tokenizer, texts: list[str], *, add_bos: bool) -> list
     """Each text as uint16 ids ending in </s>; ``add_bos`` puts <s> in front (chat texts already have it)."""
     eos = tok.token_to_id(EOS)
     if tok.get_vocab_size() > np.iinfo(np.uint16).max:
-        raise ValueError(f"vocabulary of {tok.get_vocab_size()} does not fit uint16 token streams")
+        raise InputError(f"vocabulary of {tok.get_vocab_size()} does not fit uint16 token streams")
     return [np.array(e.ids + [eos], dtype=np.uint16)
             for e in tok.encode_batch(texts, add_special_tokens=add_bos)]
 
@@ -55,6 +56,6 @@ def load_streams(work_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     paths = [work_dir / n for n in ("train_tokens.npy", "held_out_tokens.npy", "corpus.json")]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"token streams not prepared ({', '.join(missing)} missing): run the "
+        raise InputError(f"token streams not prepared ({', '.join(missing)} missing): run the "
                                 f"'prepare' phase first")
     return np.load(paths[0]), np.load(paths[1]), json.loads(paths[2].read_text())

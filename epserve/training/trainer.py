@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from placement.errors import InputError
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
@@ -41,10 +43,10 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads "
+            raise InputError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads "
                              f"{self.num_kv_heads} do not divide evenly")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k {self.top_k} must be in [1, num_experts={self.num_experts}]")
+            raise InputError(f"top_k {self.top_k} must be in [1, num_experts={self.num_experts}]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +67,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_windows", "window", "eval_every", "eval_windows", "threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+            raise InputError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine down to ``lr * min_lr_ratio`` at ``steps``."""
@@ -106,7 +108,7 @@ def windows_of(stream: np.ndarray, window: int) -> np.ndarray:
     """[N, S] int64: the stream cut into whole S-token windows (the tail that does not fill one is dropped)."""
     n = len(stream) // window
     if n == 0:
-        raise ValueError(f"token stream of {len(stream)} tokens is shorter than one {window}-token window")
+        raise InputError(f"token stream of {len(stream)} tokens is shorter than one {window}-token window")
     return stream[: n * window].reshape(n, window).astype(np.int64)
 
 
@@ -167,7 +169,7 @@ def train(model, cfg: TrainConfig, *, train_NS: np.ndarray, eval_NS: np.ndarray,
     if last.is_file():
         ck = torch.load(last, weights_only=False)
         if ck["state"]["config"] != asdict(cfg):
-            raise ValueError(f"{last} was written with a different training config; use another --work-dir")
+            raise InputError(f"{last} was written with a different training config; use another --work-dir")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         state = ck["state"]
@@ -192,8 +194,8 @@ def train(model, cfg: TrainConfig, *, train_NS: np.ndarray, eval_NS: np.ndarray,
         window_tokens += ids_BS.numel()
         if state["step"] % 25 == 0 or state["step"] == cfg.steps:
             elapsed = time.time() - t0
-            log({"step": state["step"], "loss": round(float(ce), 4), "aux": round(float(aux), 4),
-                 "gnorm": round(float(gnorm), 3), "lr": round(cfg.lr_at(step), 6),
+            log({"step": state["step"], "loss": round(ce.item(), 4), "aux": round(aux.item(), 4),  # host sync
+                 "gnorm": round(gnorm.item(), 3), "lr": round(cfg.lr_at(step), 6),
                  "tok_per_s": round(window_tokens / max(elapsed, 1e-9)), "elapsed_s": round(elapsed)})
         at_eval = state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps
         out_of_time = time.time() - t0 >= max_seconds

@@ -229,3 +229,19 @@ def test_affinity_statistics_on_known_routing():
     rep = placement_report(fit, test, gpus=(2,))
     assert rep["contiguous"] == {"2": 1.0} and rep["solved"] == {"2": 0.0} and rep["solved_in_sample"] == {"2": 0.0}
     assert (rep["fit_tokens"], rep["test_tokens"]) == (2000, 2000)
+
+
+def test_training_script_refuses_missing_inputs_and_bad_options(tmp_path, capsys):
+    from launch.train_default_model import main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    for phase, missing in (("train", "train_tokens.npy"), ("export", "train_tokens.npy"),
+                           ("evaluate", "train_tokens.npy")):
+        assert main(["--phase", phase, "--work-dir", str(work), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"phase '{phase}' needs {work / missing}" in err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    with pytest.raises(SystemExit) as exc:
+        main(["--steps", "0", "--work-dir", str(work)])
+    assert exc.value.code == 2 and "--steps must be >= 1, got 0" in capsys.readouterr().err
+
