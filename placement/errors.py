@@ -14,3 +14,12 @@ class TraceError(InputError):
 
 class PlacementError(InputError):
     """A placement is malformed or does not fit the trace, model or cluster it is used with."""
+
+
+def parse_enum(enum_cls, value: str, what: str):
+    """``enum_cls(value)``, or an InputError that names the accepted values."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_cls)
+        raise InputError(f"unknown {what} {value!r} (choose from {choices})") from None

@@ -54,7 +54,7 @@ from enum import Enum
 
 import numpy as np
 
-from placement.errors import InputError, PlacementError, TraceError
+from placement.errors import InputError, PlacementError, TraceError, parse_enum
 from placement.placement import Placement
 from placement.trace import RoutingTrace
 
@@ -78,10 +78,7 @@ class Strategy(Enum):
 
     @classmethod
     def parse(cls, name: str) -> "Strategy":
-        try:
-            return cls(name)
-        except ValueError:
-            raise InputError(f"unknown strategy {name!r} (choose from {', '.join(s.value for s in cls)})") from None
+        return parse_enum(cls, name, "strategy")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,6 +310,7 @@ def _check_predictor(predictor, trace: RoutingTrace, placement: Placement) -> No
     if (predictor.num_layers, predictor.num_gpus) != (trace.num_layers, placement.num_gpus):
         raise PlacementError(f"the predictor is for {predictor.num_layers} MoE layers x {predictor.num_gpus} "
                              f"GPUs, but the trace/placement have {trace.num_layers} x {placement.num_gpus}")
+    predictor.check_placement(placement)
 
 
 def _predicted_homes(trace, predictor, home_T, seq_T, pos_T, prefill_T) -> np.ndarray:

@@ -54,11 +54,7 @@ def synthetic_trace(spec: SyntheticSpec) -> RoutingTrace:
     """Draw a trace from ``spec`` (deterministic for a given seed)."""
     rng = np.random.default_rng(spec.seed)
     T, L, E, K, Q = spec.num_tokens, spec.num_layers, spec.num_experts, spec.top_k, spec.num_clusters
-    size = E // Q
-    perm_LE = np.stack([rng.permutation(E) for _ in range(L)])
-    cluster_of_LE = np.empty((L, E), dtype=np.int64)
-    for l in range(L):
-        cluster_of_LE[l, perm_LE[l]] = np.arange(E) // size
+    cluster_of_LE = _clusters(spec, rng)
     popularity_LE = rng.gamma(2.0, 1.0, size=(L, E))
 
     token_ids_T = None
@@ -93,6 +89,25 @@ def synthetic_trace(spec: SyntheticSpec) -> RoutingTrace:
         pos_T = (np.arange(T) % spec.seq_len).astype(np.int32)
     meta = {"model": "synthetic", "source": "placement.synthetic", **{k: v for k, v in vars(spec).items()}}
     return RoutingTrace(experts_TLK, weights_TLK, E, token_ids_T, seq_T, pos_T, meta=meta)
+
+
+def planted_placement(spec: SyntheticSpec, num_gpus: int) -> np.ndarray:
+    """[L, E] GPU of each expert when every cluster's experts share a GPU (clusters dealt to GPUs in
+    blocks); needs num_clusters to be a multiple of num_gpus. The reference a solver should approach."""
+    if spec.num_clusters % num_gpus:
+        raise InputError(f"{spec.num_clusters} clusters cannot be dealt evenly to {num_gpus} GPUs")
+    cluster_of_LE = _clusters(spec, np.random.default_rng(spec.seed))
+    return cluster_of_LE // (spec.num_clusters // num_gpus)
+
+
+def _clusters(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
+    """[L, E] cluster of each expert: a random permutation per layer cut into blocks (first rng draws)."""
+    L, E = spec.num_layers, spec.num_experts
+    size = E // spec.num_clusters
+    cluster_of_LE = np.empty((L, E), dtype=np.int64)
+    for l in range(L):
+        cluster_of_LE[l, rng.permutation(E)] = np.arange(E) // size
+    return cluster_of_LE
 
 
 def _cluster_mass(pop_E: np.ndarray, cluster_E: np.ndarray, Q: int) -> np.ndarray:

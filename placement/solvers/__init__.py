@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from placement.cluster import ClusterShape
-from placement.errors import InputError
+from placement.errors import InputError, parse_enum
 from placement.placement import Placement
 from placement.stats import TraceStats, objective
 
@@ -34,10 +34,7 @@ class SolverKind(Enum):
 
     @classmethod
     def parse(cls, name: str) -> "SolverKind":
-        try:
-            return cls(name)
-        except ValueError:
-            raise InputError(f"unknown solver {name!r} (choose from {', '.join(k.value for k in cls)})") from None
+        return parse_enum(cls, name, "solver")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -61,8 +61,7 @@ class _Chain:
         return float(lin_EG[np.arange(self.E), row_E].sum()) + intra
 
     # ---- moves ---------------------------------------------------------------------------------------------
-    def assign(self, p_LE: np.ndarray, l: int) -> float:
-        lin_EG = self.linear(p_LE, l)
+    def assign(self, p_LE: np.ndarray, l: int, lin_EG: np.ndarray) -> float:
         H_EG = lin_EG + self.C_LEE[l] @ self.S_GG[p_LE[l]]
         new_E = np.empty(self.E, dtype=np.int64)
         for experts, gpus in self._groups(l):
@@ -74,18 +73,19 @@ class _Chain:
             return gain
         return 0.0
 
-    def swaps(self, p_LE: np.ndarray, l: int) -> float:
+    def swaps(self, p_LE: np.ndarray, l: int, lin_EG: np.ndarray) -> float:
         row_E, C_EE, S_GG = p_LE[l], self.C_LEE[l], self.S_GG
-        H_EG = self.linear(p_LE, l) + C_EE @ S_GG[row_E]
+        H_EG = lin_EG + C_EE @ S_GG[row_E]
         forbidden_EE = None
         if self.node_of_LE is not None:
             forbidden_EE = self.node_of_LE[l][:, None] != self.node_of_LE[l][None, :]
         gain, ar = 0.0, np.arange(self.E)
+        pair_saving_EE = S_GG[row_E][:, row_E]                     # S[gpu of i, gpu of j], kept current
         for _ in range(4 * self.E):
             M_EE = H_EG[:, row_E]                                   # M[i, j] = H[i, gpu of j]
             d_E = M_EE[ar, ar]
-            delta_EE = M_EE + M_EE.T - d_E[:, None] - d_E[None, :] - 2.0 * C_EE * (1.0 - S_GG[row_E[:, None], row_E[None, :]])
-            delta_EE[row_E[:, None] == row_E[None, :]] = -np.inf
+            # exact gain of swapping i and j (0 when they share a GPU, so those are never picked)
+            delta_EE = M_EE + M_EE.T - d_E[:, None] - d_E[None, :] - 2.0 * C_EE * (1.0 - pair_saving_EE)
             if forbidden_EE is not None:
                 delta_EE[forbidden_EE] = -np.inf
             k = int(np.argmax(delta_EE))
@@ -95,6 +95,8 @@ class _Chain:
             a, b = row_E[i], row_E[j]
             H_EG += np.outer(C_EE[:, i] - C_EE[:, j], S_GG[b] - S_GG[a])
             row_E[i], row_E[j] = b, a
+            for x in (i, j):
+                pair_saving_EE[x, :] = pair_saving_EE[:, x] = S_GG[row_E[x], row_E]
             gain += float(delta_EE[i, j])
         return gain
 
@@ -116,13 +118,17 @@ class _Chain:
             return after - before
         return 0.0
 
-    def climb(self, p_LE: np.ndarray, dirty: set[int]) -> float:
+    def climb(self, p_LE: np.ndarray, dirty: set[int], deadline: float = np.inf) -> float:
+        """Improve until no move helps (or the deadline passes); returns the gain."""
         gain = 0.0
         while True:
             while dirty:
                 for l in sorted(dirty):
+                    if time.perf_counter() > deadline:
+                        return gain
                     dirty.discard(l)
-                    g = self.assign(p_LE, l) + self.swaps(p_LE, l)
+                    lin_EG = self.linear(p_LE, l)       # layer l's neighbours do not change during its moves
+                    g = self.assign(p_LE, l, lin_EG) + self.swaps(p_LE, l, lin_EG)
                     if g > self.tol:
                         gain += g
                         dirty.update(k for k in (l - 1, l + 1) if 0 <= k < self.L)
@@ -171,22 +177,27 @@ class _Chain:
 
 
 def solve_local(stats: TraceStats, cluster: ClusterShape, options: SolveOptions, *,
-                node_of_LE: np.ndarray | None = None, init_LE: np.ndarray | None = None) -> SolverResult:
+                node_of_LE: np.ndarray | None = None) -> SolverResult:
     chain = _Chain(stats, cluster, node_of_LE)
     rng = np.random.default_rng(options.seed)
     deadline = time.perf_counter() + options.time_limit
     best_p, best_value, rounds_run, restarts_run = None, -np.inf, 0, 0
+    next_report = time.perf_counter() + 5.0
     for restart in range(options.restarts):
         if restart and time.perf_counter() > deadline:
             break
-        p_LE = init_LE.copy() if (restart == 0 and init_LE is not None) else chain.random_start(rng)
-        value = chain.total(p_LE) + chain.climb(p_LE, set(range(chain.L)))
-        for _ in range(options.rounds):
+        p_LE = chain.random_start(rng)
+        value = chain.total(p_LE) + chain.climb(p_LE, set(range(chain.L)), deadline)
+        for k in range(options.rounds):
             if time.perf_counter() > deadline:
                 break
+            if time.perf_counter() > next_report:
+                options.report(f"local: start {restart + 1}/{options.restarts}, round {k}/{options.rounds}: "
+                               f"objective {value:.1f}")
+                next_report = time.perf_counter() + 5.0
             q_LE = p_LE.copy()
             dirty, delta = chain.perturb(q_LE, rng)
-            delta += chain.climb(q_LE, dirty)
+            delta += chain.climb(q_LE, dirty, deadline)
             rounds_run += 1
             if delta > -chain.tol:     # sideways moves too: they let the search drift along plateaus
                 p_LE, value = q_LE, value + delta

@@ -1,0 +1,357 @@
+"""Placement benchmark: held-out traffic on real routing, exactness of ilp, and scale of local/hierarchical.
+
+    heldout  FLAME-MoE-290M encoder trace (2048 tokens, 8 MoE layers, 64 experts, top-6): fit on the first 60%,
+             report on the last 40%; 2, 4, 8 GPUs on one node and 2 nodes x 4 GPUs (cross-node transfers);
+             baselines contiguous / round_robin / balanced / one coordinate-ascent pass, surrogate variants,
+             and the |R| floor that bounds what any placement can reach under the coherent strategy
+    exact    8 layers x 16 experts x 4 GPUs: ilp (proven bound) vs local vs a naive x/y linearisation
+    scale    DeepSeek-V3 shape (58 layers x 256 experts, top-8, 8 nodes x 8 GPUs) on a synthetic trace with
+             planted affinity: wall, CPU, peak memory (each run in its own process); growth with L, E, G
+
+Writes bench/results/placement_bench.{json,md} (--part X redoes one part and keeps the others).
+Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|scale] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # before numpy: BLAS threads only spin on a shared host
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from placement import ClusterShape, Placement, RoutingTrace  # noqa: E402
+from placement.simulate import Strategy, simulate  # noqa: E402
+from placement.solvers import SolveOptions, SolverKind, solve  # noqa: E402
+from placement.stats import StatsOptions, compute_stats, objective  # noqa: E402
+from placement.synthetic import SyntheticSpec, planted_placement, synthetic_trace  # noqa: E402
+
+FLAME = ROOT.parent / "shared" / "traces" / "flame-moe-290m" / "flame290m_encoder_2048tok_top6.npz"
+OUT = ROOT / "bench" / "results"
+
+
+def _traffic(trace, placement, strategy=Strategy.COHERENT) -> dict:
+    r = simulate(trace, placement, strategy)
+    return {"transfers_per_token_layer": r.transfers_per_token_layer, "top1_cross_gpu_rate": r.top1_cross_gpu_rate,
+            "lar": r.lar, "cross_node_transfers": r.cross_node_transfers,
+            "load_max_over_mean": float(r.load_max_over_mean_L.max())}
+
+
+def _mean_distinct_ranks(trace, placement) -> float:
+    """Mean |R| (distinct expert ranks per token-layer): coherent costs 2|R| - 1 - [start rank in R] >= 2|R| - 2."""
+    ranks_TLK = placement.expert_to_gpu_LE[np.arange(trace.num_layers)[None, :, None], trace.experts_TLK.astype(int)]
+    s = np.sort(ranks_TLK, axis=-1)
+    return float((1 + (s[..., 1:] != s[..., :-1]).sum(-1)).mean())
+
+
+# ---- held-out on real routing ---------------------------------------------------------------------------------
+def heldout(quick: bool) -> dict:
+    trace = RoutingTrace.load(FLAME)
+    fit, held = trace.split(0.6)
+    opts = SolveOptions(restarts=2 if quick else 4, rounds=50 if quick else 300, time_limit=120)
+    out = {"setup": f"{FLAME.name}: fit on the first 60% ({fit.num_tokens} tokens), report on the last 40% "
+                    f"({held.num_tokens}); coherent strategy unless named; baseline = contiguous + two_a2a",
+           "clusters": []}
+    shapes = [(1, 2), (1, 4), (1, 8), (2, 4)]
+    for nodes, per in shapes:
+        cluster = ClusterShape(nodes=nodes, gpus_per_node=per)
+        stats = compute_stats(fit)
+        runs = {k.value: solve(stats, cluster, SolveOptions(solver=k)) for k in
+                (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN, SolverKind.BALANCED)}
+        runs["coordinate_ascent"] = solve(stats, cluster, SolveOptions(restarts=1, rounds=0))
+        runs["local"] = solve(stats, cluster, opts)
+        if nodes > 1:
+            runs["hierarchical"] = solve(stats, cluster, dataclasses.replace(opts, solver=SolverKind.HIERARCHICAL))
+        base = simulate(held, runs["contiguous"], Strategy.TWO_A2A).transfers_per_token_layer
+        rows = []
+        for name, p in runs.items():
+            row = {"placement": name, "two_a2a": _traffic(held, p, Strategy.TWO_A2A), **_traffic(held, p),
+                   "mean_distinct_ranks": _mean_distinct_ranks(held, p), "solve_s": p.solver["time_s"],
+                   "gap_to_cheap_bound": p.objective["gap"]}
+            row["reduction_vs_baseline"] = 1 - row["transfers_per_token_layer"] / base
+            rows.append(row)
+        out["clusters"].append({"nodes": nodes, "gpus_per_node": per, "baseline_transfers": base, "rows": rows})
+        print(f"heldout {nodes}x{per}: " + ", ".join(f"{r['placement']} top1 {r['top1_cross_gpu_rate']:.3f} "
+                                                       f"saved {r['reduction_vs_baseline']:.1%}" for r in rows),
+              flush=True)
+    out["surrogates"] = _surrogates(fit, held, opts)
+    out["floor"] = _floor(fit, held, opts)
+    return out
+
+
+def _surrogates(fit, held, opts) -> list[dict]:
+    """What the objective weights do to held-out figures (8 GPUs)."""
+    cluster = ClusterShape(gpus_per_node=8)
+    base = simulate(held, solve(compute_stats(fit), cluster, SolveOptions(solver=SolverKind.CONTIGUOUS)),
+                    Strategy.TWO_A2A).transfers_per_token_layer
+    rows = []
+    for decay, coact in [(0.0, 0.0), (0.5, 0.0), (0.5, 0.5), (1.0, 0.0), (1.0, 0.5), (1.0, 1.0)]:
+        p = solve(compute_stats(fit, StatsOptions(slot_decay=decay, coact_weight=coact)), cluster, opts)
+        t = _traffic(held, p)
+        rows.append({"slot_decay": decay, "coact_weight": coact, "fit_top1": _traffic(fit, p)["top1_cross_gpu_rate"],
+                     **t, "reduction_vs_baseline": 1 - t["transfers_per_token_layer"] / base})
+    return rows
+
+
+def _floor(fit, held, opts) -> dict:
+    """A placement fitted to co-activation only (small |R|, no inter-layer term): its held-out mean |R| and the
+    coherent traffic it implies even if every token started on one of its expert ranks (2|R| - 2)."""
+    cluster = ClusterShape(gpus_per_node=8)
+    stats = compute_stats(fit, StatsOptions(slot_decay=1.0, coact_weight=1.0))
+    stats = dataclasses.replace(stats, affinity_LEE=np.zeros_like(stats.affinity_LEE))
+    p = solve(stats, cluster, opts)
+    R = _mean_distinct_ranks(held, p)
+    base = simulate(held, solve(stats, cluster, SolveOptions(solver=SolverKind.CONTIGUOUS)),
+                    Strategy.TWO_A2A).transfers_per_token_layer
+    return {"mean_distinct_ranks_held_out": R, "fit_mean_distinct_ranks": _mean_distinct_ranks(fit, p),
+            "coherent_floor_transfers": 2 * R - 2, "floor_reduction_vs_baseline": 1 - (2 * R - 2) / base,
+            "baseline_transfers": base}
+
+
+# ---- exactness ------------------------------------------------------------------------------------------------
+def fold_flame(num_experts: int = 16, top_k: int = 2) -> RoutingTrace:
+    """The FLAME encoder trace with its 64 experts merged in blocks (e // 4) and the first top_k distinct
+    merged experts kept: a small instance with real affinity structure."""
+    trace = RoutingTrace.load(FLAME)
+    merged_TLK = trace.experts_TLK.astype(np.int64) // (trace.num_experts // num_experts)
+    T, L, K = merged_TLK.shape
+    keep = np.zeros((T, L, top_k), dtype=np.int16)
+    for slot in range(top_k):
+        taken = keep[:, :, :slot]
+        fresh_TLK = ~(merged_TLK[..., None] == taken[:, :, None, :]).any(-1)
+        first = np.argmax(fresh_TLK, axis=-1)
+        keep[:, :, slot] = np.take_along_axis(merged_TLK, first[..., None], axis=-1)[..., 0]
+    return RoutingTrace(keep, np.broadcast_to(np.float32([0.6, 0.4][:top_k]), keep.shape).copy(), num_experts)
+
+
+def naive_xy(stats, cluster, time_limit: float) -> dict:
+    """x[l,i,g] binary, y[l,i,j,g] <= x[l,i,g], x[l+1,j,g] per affinity pair, z likewise per co-activated
+    pair: the textbook linearisation (no symmetry breaking, no bound strengthening), PuLP + HiGHS."""
+    import pulp
+    L, E = stats.load_LE.shape
+    G, M = cluster.num_gpus, E // cluster.num_gpus
+    prob = pulp.LpProblem("naive_xy", pulp.LpMaximize)
+    x = {(l, i, g): prob.add_variable(f"x_{l}_{i}_{g}", 0, 1, cat="Binary")
+         for l in range(L) for i in range(E) for g in range(G)}
+    terms = []
+    for l in range(L):
+        for i in range(E):
+            prob += pulp.lpSum(x[l, i, g] for g in range(G)) == 1
+        for g in range(G):
+            prob += pulp.lpSum(x[l, i, g] for i in range(E)) == M
+    pairs = [(stats.affinity_LEE[l, i, j], (l, i), (l + 1, j)) for l in range(L - 1)
+             for i, j in zip(*np.nonzero(stats.affinity_LEE[l]))]
+    pairs += [(stats.coact_LEE[l, i, j], (l, i), (l, j)) for l in range(L)
+              for i, j in zip(*np.nonzero(np.triu(stats.coact_LEE[l], 1)))]
+    for k, (w, a, b) in enumerate(pairs):
+        for g in range(G):
+            y = prob.add_variable(f"y_{k}_{g}", 0, 1)
+            prob += y <= x[(*a, g)]
+            prob += y <= x[(*b, g)]
+            terms.append(float(w) * y)
+    prob += pulp.lpSum(terms)
+    start = time.perf_counter()
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1))
+    info = prob.solverModel.getInfo()
+    value, bound = pulp.value(prob.objective), abs(info.mip_dual_bound)
+    return {"objective": value, "upper_bound": bound, "gap": (bound - value) / bound,
+            "wall_s": time.perf_counter() - start}
+
+
+def exact(quick: bool) -> dict:
+    limit = 20.0 if quick else 60.0
+    cluster = ClusterShape(gpus_per_node=4)
+    spec = dict(num_tokens=2000, num_layers=8, num_experts=16, seed=1)
+    instances = {
+        "flame_folded_top2": fold_flame(),
+        "synthetic_planted_top2": synthetic_trace(SyntheticSpec(**spec, top_k=2, num_clusters=4, noise=0.2)),
+        "synthetic_mismatched_top2": synthetic_trace(SyntheticSpec(**spec, top_k=2, num_clusters=8, noise=0.5)),
+        "synthetic_top6": synthetic_trace(SyntheticSpec(**spec, top_k=6, num_clusters=8, noise=0.3)),
+    }
+    rows = []
+    for name, trace in instances.items():
+        stats = compute_stats(trace)
+        ilp = solve(stats, cluster, SolveOptions(solver=SolverKind.ILP, time_limit=limit))
+        local = solve(stats, cluster, SolveOptions())
+        bound = ilp.objective["upper_bound"]
+        row = {"instance": name, "ilp_status": ilp.solver["status"], "ilp_objective": ilp.objective["value"],
+               "ilp_upper_bound": bound, "ilp_gap": ilp.objective["gap"], "ilp_wall_s": ilp.solver["time_s"],
+               "ilp_cpu_s": ilp.solver["cpu_s"], "local_objective": local.objective["value"],
+               "local_gap_to_ilp_bound": (bound - local.objective["value"]) / bound,
+               "local_wall_s": local.solver["time_s"]}
+        if name in ("flame_folded_top2", "synthetic_mismatched_top2") and not quick:
+            row["naive_xy"] = naive_xy(stats, cluster, limit)
+        rows.append(row)
+        print(f"exact {name}: ilp {row['ilp_status']} gap {row['ilp_gap']:.4%} in {row['ilp_wall_s']:.1f} s; "
+              f"local gap {row['local_gap_to_ilp_bound']:.3%}" +
+              (f"; naive x/y gap {row['naive_xy']['gap']:.1%}" if "naive_xy" in row else ""), flush=True)
+    return {"setup": f"8 layers x 16 experts x 4 GPUs, time limit {limit:.0f} s", "rows": rows}
+
+
+# ---- scale ----------------------------------------------------------------------------------------------------
+def _scale_run(args: dict) -> dict:
+    """One solve in a fresh process: wall, CPU and peak RSS of that process only."""
+    spec = SyntheticSpec(**args["spec"])
+    trace = synthetic_trace(spec)
+    cluster = ClusterShape(nodes=args["nodes"], gpus_per_node=args["gpus_per_node"])
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    stats = compute_stats(trace)
+    stats_s = time.perf_counter() - wall0
+    p = solve(stats, cluster, SolveOptions(solver=SolverKind(args["solver"]), **args["options"]))
+    planted = Placement(planted_placement(spec, cluster.num_gpus), cluster)
+    return {**args, "stats_s": stats_s, "wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0,
+            "solve_wall_s": p.solver["time_s"], "solve_cpu_s": p.solver["cpu_s"],
+            "peak_rss_mib": _peak_rss_mib(),
+            "objective_vs_planted": p.objective["value"] / objective(stats, planted.expert_to_gpu_LE, cluster),
+            "rounds_run": p.solver.get("rounds_run"), **{f"ours_{k}": v for k, v in _traffic(trace, p).items()},
+            **{f"planted_{k}": v for k, v in _traffic(trace, planted).items()},
+            **{f"contiguous_two_a2a_{k}": v for k, v in _traffic(
+                trace, solve(stats, cluster, SolveOptions(solver=SolverKind.CONTIGUOUS)), Strategy.TWO_A2A).items()}}
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the
+    forked parent, so a spawned child would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scale(quick: bool) -> dict:
+    ds = dict(num_tokens=4096, num_layers=58, num_experts=256, top_k=8, num_clusters=64, noise=0.2,
+              stickiness=0.8, seed=0)
+    limit = 20.0 if quick else 50.0
+    jobs = [dict(spec=ds, nodes=8, gpus_per_node=8, solver=s, options=dict(time_limit=limit))
+            for s in ("local", "hierarchical")]
+    jobs.append(dict(spec=ds, nodes=8, gpus_per_node=8, solver="local", options=dict(restarts=1, rounds=0)))
+    one_pass = dict(restarts=1, rounds=0)
+    for L in (8, 16, 32):
+        jobs.append(dict(spec={**ds, "num_layers": L}, nodes=8, gpus_per_node=8, solver="local", options=one_pass))
+    for E in (64, 128):
+        jobs.append(dict(spec={**ds, "num_layers": 16, "num_experts": E}, nodes=8, gpus_per_node=8,
+                         solver="local", options=one_pass))
+    for N, per in ((1, 8), (2, 8), (4, 8)):
+        jobs.append(dict(spec={**ds, "num_layers": 16, "num_clusters": N * per}, nodes=N, gpus_per_node=per,
+                         solver="local", options=one_pass))
+    if quick:
+        jobs = jobs[:3]
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for job in jobs:
+        with ctx.Pool(1) as pool:
+            row = pool.apply(_scale_run, (job,))
+        rows.append(row)
+        s = row["spec"]
+        print(f"scale L={s['num_layers']} E={s['num_experts']} G={row['nodes'] * row['gpus_per_node']} "
+              f"{row['solver']} {row['options']}: solve {row['solve_wall_s']:.1f} s wall / "
+              f"{row['solve_cpu_s']:.1f} s CPU, peak {row['peak_rss_mib']:.0f} MiB, "
+              f"objective {row['objective_vs_planted']:.4f} x planted", flush=True)
+    return {"setup": "synthetic traces with planted affinity (SyntheticSpec in each row); 4096 tokens", "rows": rows}
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+def _md_table(headers: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
+def markdown(results: dict) -> str:
+    runs = "; ".join(f"{part}: `{cmd}`" for part, cmd in results.get("commands", {}).items())
+    md = ["# Placement benchmark", "", f"Runs ({results['host']}): {runs}", ""]
+    if "heldout" in results:
+        h = results["heldout"]
+        md += ["## Held-out traffic on real routing (FLAME-MoE-290M)", "", h["setup"], ""]
+        for c in h["clusters"]:
+            md += [f"### {c['nodes']} node(s) x {c['gpus_per_node']} GPUs (baseline {c['baseline_transfers']:.3f} "
+                   "transfers per token-layer)", ""]
+            md += _md_table(
+                ["placement", "top-1 cross-GPU", "coherent transfers/tok-layer", "saved vs baseline",
+                 "two_a2a transfers", "LAR", "mean |R|", "cross-node coherent / two_a2a", "max/mean load", "solve s"],
+                [[r["placement"], f"{r['top1_cross_gpu_rate']:.3f}", f"{r['transfers_per_token_layer']:.3f}",
+                  f"{r['reduction_vs_baseline']:.1%}", f"{r['two_a2a']['transfers_per_token_layer']:.3f}",
+                  f"{r['lar']:.3f}", f"{r['mean_distinct_ranks']:.2f}",
+                  f"{r['cross_node_transfers']} / {r['two_a2a']['cross_node_transfers']}",
+                  f"{r['load_max_over_mean']:.2f}", f"{r['solve_s']:.1f}"] for r in c["rows"]])
+        md += ["### Objective weights (8 GPUs, local)", ""]
+        md += _md_table(["slot_decay", "coact_weight", "fit top-1", "held-out top-1", "coherent transfers", "saved"],
+                        [[r["slot_decay"], r["coact_weight"], f"{r['fit_top1']:.3f}", f"{r['top1_cross_gpu_rate']:.3f}",
+                          f"{r['transfers_per_token_layer']:.3f}", f"{r['reduction_vs_baseline']:.1%}"]
+                         for r in h["surrogates"]])
+        f = h["floor"]
+        md += [f"Floor: a placement fitted to co-activation alone has mean |R| = {f['mean_distinct_ranks_held_out']:.2f} "
+               f"on held-out tokens ({f['fit_mean_distinct_ranks']:.2f} on fitted ones); coherent traffic is at least "
+               f"2|R| - 2 = {f['coherent_floor_transfers']:.3f}, i.e. at most {f['floor_reduction_vs_baseline']:.1%} "
+               "below the baseline even if every token started on one of its expert ranks.", ""]
+    if "exact" in results:
+        e = results["exact"]
+        md += ["## Exactness (ilp)", "", e["setup"], ""]
+        md += _md_table(
+            ["instance", "ilp status", "objective", "upper bound", "gap", "wall s", "CPU s", "local gap to bound",
+             "naive x/y gap"],
+            [[r["instance"], r["ilp_status"], f"{r['ilp_objective']:.1f}", f"{r['ilp_upper_bound']:.1f}",
+              f"{r['ilp_gap']:.4%}", f"{r['ilp_wall_s']:.1f}", f"{r['ilp_cpu_s']:.1f}",
+              f"{r['local_gap_to_ilp_bound']:.3%}",
+              f"{r['naive_xy']['gap']:.1%} (objective {r['naive_xy']['objective']:.1f})" if "naive_xy" in r else "-"]
+             for r in e["rows"]])
+    if "scale" in results:
+        s = results["scale"]
+        md += ["## Scale (local / hierarchical)", "", s["setup"], ""]
+        md += _md_table(
+            ["L", "E", "GPUs", "solver", "options", "solve wall s", "solve CPU s", "peak RSS MiB",
+             "objective / planted", "top-1 ours / planted", "coherent transfers ours", "contiguous two_a2a"],
+            [[r["spec"]["num_layers"], r["spec"]["num_experts"], r["nodes"] * r["gpus_per_node"], r["solver"],
+              r["options"], f"{r['solve_wall_s']:.1f}", f"{r['solve_cpu_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
+              f"{r['objective_vs_planted']:.4f}",
+              f"{r['ours_top1_cross_gpu_rate']:.3f} / {r['planted_top1_cross_gpu_rate']:.3f}",
+              f"{r['ours_transfers_per_token_layer']:.3f}", f"{r['contiguous_two_a2a_transfers_per_token_layer']:.3f}"]
+             for r in s["rows"]])
+    return "\n".join(md)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["heldout", "exact", "scale", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke run, not the figures)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
+    args = parser.parse_args()
+    stem = "placement_bench" + ("_quick" if args.quick else "")
+    if args.render_only:
+        results = json.loads((args.out / f"{stem}.json").read_text())
+        (args.out / f"{stem}.md").write_text(markdown(results) + "\n")
+        return 0
+    if args.part in ("heldout", "exact", "all") and not FLAME.is_file():
+        print(f"the FLAME trace is absent: {FLAME}", file=sys.stderr)
+        return 2
+    previous = args.out / f"{stem}.json"
+    results = json.loads(previous.read_text()) if args.part != "all" and previous.is_file() else {}
+    results["host"] = f"{os.cpu_count()} CPUs (shared), OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
+    for part, fn in (("heldout", heldout), ("exact", exact), ("scale", scale)):
+        if args.part in (part, "all"):
+            results[part] = fn(args.quick)
+            results.setdefault("commands", {})[part] = " ".join(["python"] + sys.argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(results) + "\n")
+    print(f"wrote {args.out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""``epserve place`` and ``epserve simulate``: the offline placement tool.
+
+    place:    trace --split (--held-out)--> fit --stats--> solve (progress on stderr) --> placement.json
+              (+ <stem>.predictor.npz when the fit trace has vocabulary ids)
+              --> table: ours vs contiguous vs round_robin on the held-out part (else the fit trace)
+    simulate: trace + placement.json (+ predictor) --> table for the chosen strategies, same comparison
+
+Every input is read and checked before anything is written; bad input is an InputError (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from placement.cluster import ClusterShape
+from placement.errors import InputError, TraceError
+from placement.placement import Placement
+from placement.predictor import PredictorOptions, SpeculativePredictor
+from placement.report import comparison_rows, file_sha256, format_table
+from placement.simulate import SimOptions, Strategy
+from placement.solvers import SolveOptions, SolverKind, solve
+from placement.stats import StatsOptions, compute_stats, objective, objective_upper_bound
+from placement.trace import RoutingTrace
+
+
+def register(subparsers) -> None:
+    place = subparsers.add_parser("place", help="fit an expert placement to a routing trace",
+                                  description="Fit an expert placement to a routing trace and compare it with "
+                                              "the contiguous and round-robin placements.")
+    place.add_argument("--trace", required=True, help="routing trace (.npz, ours or the FLAME layout)")
+    place.add_argument("--nodes", type=int, default=1)
+    place.add_argument("--gpus-per-node", type=int, required=True)
+    place.add_argument("--solver", default="local", choices=[k.value for k in SolverKind])
+    place.add_argument("--time-limit", type=float, default=60.0, help="seconds for the search (default 60)")
+    place.add_argument("--seed", type=int, default=0)
+    place.add_argument("--restarts", type=int, default=4)
+    place.add_argument("--rounds", type=int, default=100, help="perturbation rounds per restart (local)")
+    place.add_argument("--slot-decay", type=float, default=StatsOptions().slot_decay)
+    place.add_argument("--coact-weight", type=float, default=StatsOptions().coact_weight)
+    place.add_argument("--intra-node-cost", type=float, default=1.0)
+    place.add_argument("--inter-node-cost", type=float, default=4.0)
+    _common(place)
+    place.add_argument("-o", "--output", required=True, help="placement JSON to write")
+    place.set_defaults(func=run_place)
+
+    sim = subparsers.add_parser("simulate", help="simulate the all-to-all traffic of a placement on a trace",
+                                description="Replay a routing trace under a placement and compare its traffic "
+                                            "with the contiguous and round-robin placements.")
+    sim.add_argument("--trace", required=True)
+    sim.add_argument("--placement", required=True, help="placement JSON (from epserve place)")
+    sim.add_argument("--strategy", default="coherent", choices=[s.value for s in Strategy] + ["all"])
+    sim.add_argument("--predictor", help="predictor .npz (default: the one named in the placement)")
+    sim.add_argument("--hidden-size", type=int, help="hidden size H, to report bytes")
+    sim.add_argument("--dtype-bytes", type=int, default=2)
+    _common(sim)
+    sim.set_defaults(func=run_simulate)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--held-out", type=float, metavar="FRACTION",
+                        help="fit on the first 1-FRACTION of the tokens, report on the rest")
+    parser.add_argument("--num-experts", type=int, help="experts per layer, when the trace does not say")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_place(args) -> int:
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise InputError(f"output directory does not exist: {out.parent}")
+    if out.suffix != ".json":
+        raise InputError(f"output must be a .json file, got {out}")
+    cluster = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                           intra_node_cost=args.intra_node_cost, inter_node_cost=args.inter_node_cost)
+    trace = RoutingTrace.load(args.trace, num_experts=args.num_experts)
+    fit, evaluate = _split(trace, args.held_out)
+    stats = compute_stats(fit, StatsOptions(slot_decay=args.slot_decay, coact_weight=args.coact_weight))
+    options = SolveOptions(solver=SolverKind.parse(args.solver), time_limit=args.time_limit, seed=args.seed,
+                           restarts=args.restarts, rounds=args.rounds, progress=_progress())
+    solved = solve(stats, cluster, options)
+    solver = dict(solved.solver)
+    predictor = None
+    if fit.has_token_ids:
+        predictor = SpeculativePredictor.build(fit, solved, PredictorOptions())
+        solver["predictor"] = out.with_name(out.stem + ".predictor.npz").name
+    placement = Placement(solved.expert_to_gpu_LE, cluster, solver, solved.objective,
+                          _provenance(args.trace, trace, fit, args.held_out))
+    if predictor is not None:
+        predictor.save(out.with_name(solver["predictor"]))
+    placement.save(out)
+
+    baselines = {kind.value: solve(stats, cluster, SolveOptions(solver=kind))
+                 for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)}
+    bound = placement.objective["upper_bound"]   # one instance: the best bound holds for every row
+    objectives = {"ours": (placement.objective["value"], bound),
+                  **{k: (p.objective["value"], bound) for k, p in baselines.items()}}
+    strategies = [Strategy.TWO_A2A, Strategy.COHERENT] + ([Strategy.SPECULATIVE] if predictor else [])
+    rows = comparison_rows(evaluate, {"ours": placement, **baselines}, strategies, objectives=objectives,
+                           predictor=predictor)
+    summary = {"output": str(out), "solver": placement.solver, "objective": placement.objective,
+               "trace": placement.trace, "evaluated_on": _evaluated_on(args.held_out, evaluate), "rows": rows}
+    if predictor is not None:
+        summary["predictor_accuracy"] = predictor.accuracy(evaluate, placement) if evaluate is not fit else None
+    _print(args, summary, rows, placement.trace)
+    return 0
+
+
+def run_simulate(args) -> int:
+    trace = RoutingTrace.load(args.trace, num_experts=args.num_experts)
+    placement = Placement.load(args.placement)
+    placement.check_fits(num_layers=trace.num_layers, num_experts=trace.num_experts)
+    _, evaluate = _split(trace, args.held_out)
+    if args.strategy == "all":   # the speculative ones only where they can run
+        can_speculate = evaluate.has_token_ids and bool(args.predictor or placement.solver.get("predictor"))
+        strategies = [s for s in Strategy if can_speculate or not s.needs_predictor]
+    else:
+        strategies = [Strategy.parse(args.strategy)]
+    predictor = None
+    if any(s.needs_predictor for s in strategies):
+        if not evaluate.has_token_ids:
+            raise TraceError(f"{args.trace} has no vocabulary ids (token_ids): the speculative strategies need "
+                             f"them; use --strategy two_a2a or coherent")
+        predictor = SpeculativePredictor.load(_predictor_path(args, placement))
+        predictor.check_placement(placement)
+    options = SimOptions(hidden_size=args.hidden_size, dtype_bytes=args.dtype_bytes)
+    cluster = placement.cluster
+    stats = compute_stats(evaluate, StatsOptions(**placement.objective.get("surrogate", {})))
+    placements = {"ours": placement, **{kind.value: solve(stats, cluster, SolveOptions(solver=kind))
+                                        for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)}}
+    bound = objective_upper_bound(stats, cluster)
+    objectives = {name: (objective(stats, p.expert_to_gpu_LE, cluster), bound) for name, p in placements.items()}
+    if Strategy.TWO_A2A not in strategies:
+        strategies = [Strategy.TWO_A2A] + strategies      # the baseline row every reduction refers to
+    rows = comparison_rows(evaluate, placements, strategies, objectives=objectives, predictor=predictor,
+                           options=options)
+    summary = {"placement": str(args.placement), "evaluated_on": _evaluated_on(args.held_out, evaluate),
+               "objective_note": "the placement's surrogate on the evaluated tokens; upper bound: the cheap "
+                                 "bound there (sum of top-M pair weights), not a proven optimum",
+               "rows": rows}
+    _print(args, summary, rows, {"path": str(args.trace), "tokens": evaluate.num_tokens})
+    return 0
+
+
+def _split(trace: RoutingTrace, held_out: float | None) -> tuple[RoutingTrace, RoutingTrace]:
+    if held_out is None:
+        return trace, trace
+    if not 0.0 < held_out < 1.0:
+        raise InputError(f"--held-out must be a fraction in (0, 1), got {held_out}")
+    return trace.split(1.0 - held_out)
+
+
+def _provenance(path: str, trace: RoutingTrace, fit: RoutingTrace, held_out: float | None) -> dict:
+    return {"path": str(path), "sha256": file_sha256(path), "total_tokens": trace.num_tokens,
+            "tokens": fit.num_tokens, "fit_fraction": 1.0 if held_out is None else 1.0 - held_out,
+            "layers": trace.num_layers, "experts": trace.num_experts, "top_k": trace.top_k,
+            "model": trace.meta.get("model")}
+
+
+def _evaluated_on(held_out: float | None, evaluate: RoutingTrace) -> str:
+    if held_out is None:
+        return f"the whole trace ({evaluate.num_tokens} tokens; no --held-out, so fitted tokens)"
+    return f"the last {held_out:.0%} of the tokens, held out ({evaluate.num_tokens} tokens)"
+
+
+def _predictor_path(args, placement: Placement) -> Path:
+    if args.predictor:
+        return Path(args.predictor)
+    name = placement.solver.get("predictor")
+    if not name:
+        raise InputError(f"{args.placement} names no predictor; pass --predictor (built by epserve place from "
+                         f"a trace with vocabulary ids)")
+    return Path(args.placement).with_name(name)
+
+
+def _progress():
+    start = time.perf_counter()
+    return lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _print(args, summary: dict, rows: list[dict], trace_info: dict) -> None:
+    if args.json:
+        print(json.dumps(summary, indent=1, default=float))
+        return
+    if "solver" in summary:
+        s, o = summary["solver"], summary["objective"]
+        print(f"wrote {summary['output']}: solver {s['name']} ({s['status']}), {s['time_s']:.1f} s wall, "
+              f"{s['cpu_s']:.1f} s CPU; objective {o['value']:.1f}, upper bound {o['upper_bound']:.1f}, "
+              f"gap {o['gap']:.2%}" + (f"; predictor {s['predictor']}" if "predictor" in s else ""))
+    print(f"traffic on {summary['evaluated_on']} of {trace_info['path']}:")
+    print(format_table(rows))
+    if "objective_note" in summary:
+        print(f"objective: {summary['objective_note']}")
+    acc = summary.get("predictor_accuracy")
+    if acc:
+        print("predictor accuracy per layer (held out): " + " ".join(f"{a:.2f}" for a in acc["accuracy_L"]))

@@ -1,0 +1,264 @@
+"""Speculative predictor: which EP rank a token's experts will use, before its router runs.
+
+Shapes: T tokens, L MoE layers, K experts per token, G GPUs (= EP ranks), V distinct vocabulary ids seen
+while building, X = G ** order n-gram contexts.
+
+    build(trace with token_ids, placement):
+        ranks_TLK = expert_to_gpu[l, experts]; R = set of a token's ranks at a layer
+        token table  per layer l, id v: the rank most often in R (ties: lowest), confidence = that count /
+                     occurrences of v, support = occurrences of v
+        n-gram table per layer l >= 1, context = rank of e_1 at l-1 (and l-2 for order 2): the rank most
+                     often in R, with confidence and support
+    predict: per layer, the table with the higher confidence wins (layer 0 has only the token table);
+             a prediction is confident when confidence >= min_confidence and support >= min_support
+    save/load: one .npz (arrays + a JSON header that names the placement it was built for)
+
+Only where a token sits when its router runs depends on a prediction: a wrong guess costs one normal
+transfer, never accuracy. A trace without vocabulary ids cannot build one (TraceError); nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from placement.errors import InputError, PlacementError, TraceError
+from placement.placement import Placement
+from placement.trace import RoutingTrace
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictorOptions:
+    order: int = 1                  # n-gram context: ranks of e_1 at the previous 1 or 2 layers
+    min_confidence: float = 0.5
+    min_support: int = 2
+
+    def __post_init__(self) -> None:
+        if self.order not in (1, 2):
+            raise InputError(f"predictor order must be 1 or 2, got {self.order!r}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise InputError(f"predictor min_confidence must be in [0, 1], got {self.min_confidence!r}")
+        if not isinstance(self.min_support, int) or self.min_support < 1:
+            raise InputError(f"predictor min_support must be an integer >= 1, got {self.min_support!r}")
+
+    def to_dict(self) -> dict:
+        return {"order": self.order, "min_confidence": self.min_confidence, "min_support": self.min_support}
+
+
+def placement_digest(placement: Placement) -> str:
+    """sha256 of the expert -> GPU table: ties a predictor to the placement it was built for."""
+    return hashlib.sha256(np.ascontiguousarray(placement.expert_to_gpu_LE, dtype=np.int64).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class SpeculativePredictor:
+    vocab_V: np.ndarray            # [V] sorted vocabulary ids with a row in the token table
+    token_rank_LV: np.ndarray      # [L, V] predicted rank
+    token_conf_LV: np.ndarray      # [L, V] confidence in [0, 1]
+    support_V: np.ndarray          # [V] occurrences of the id in the build trace
+    ngram_rank_LX: np.ndarray      # [L, X] predicted rank per context (row 0 unused)
+    ngram_conf_LX: np.ndarray      # [L, X]
+    ngram_support_LX: np.ndarray   # [L, X]
+    num_gpus: int
+    placement_sha256: str
+    options: PredictorOptions
+
+    def __post_init__(self) -> None:
+        L, V = self.token_rank_LV.shape
+        X = self.num_gpus ** self.options.order
+        shapes = {"vocab": (self.vocab_V.shape, (V,)), "token_conf": (self.token_conf_LV.shape, (L, V)),
+                  "support": (self.support_V.shape, (V,)), "ngram_rank": (self.ngram_rank_LX.shape, (L, X)),
+                  "ngram_conf": (self.ngram_conf_LX.shape, (L, X)),
+                  "ngram_support": (self.ngram_support_LX.shape, (L, X))}
+        for name, (got, want) in shapes.items():
+            if got != want:
+                raise InputError(f"predictor array {name} has shape {got}, expected {want}")
+        if V == 0:
+            raise InputError("predictor has an empty vocabulary table")
+        if np.any(np.diff(self.vocab_V) <= 0):
+            raise InputError("predictor vocab ids must be strictly increasing")
+        for name, arr in (("token_rank", self.token_rank_LV), ("ngram_rank", self.ngram_rank_LX)):
+            if arr.size and (arr.min() < 0 or arr.max() >= self.num_gpus):
+                raise InputError(f"predictor array {name} holds ranks outside [0, {self.num_gpus})")
+
+    @property
+    def num_layers(self) -> int:
+        return self.token_rank_LV.shape[0]
+
+    # ---- building ------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, trace: RoutingTrace, placement: Placement,
+              options: PredictorOptions = PredictorOptions()) -> "SpeculativePredictor":
+        if not trace.has_token_ids:
+            raise TraceError("the trace has no vocabulary ids (token_ids): a speculative predictor cannot be "
+                             "built from it")
+        placement.check_fits(num_layers=trace.num_layers, num_experts=trace.num_experts)
+        G, L = placement.num_gpus, trace.num_layers
+        ranks_TLK = _ranks(trace, placement)
+        in_R_TLG = _rank_sets(ranks_TLK, G)
+        vocab_V, vid_T = np.unique(trace.token_ids_T, return_inverse=True)
+        V = len(vocab_V)
+        support_V = np.bincount(vid_T, minlength=V)
+        token_rank_LV = np.empty((L, V), dtype=np.int64)
+        token_conf_LV = np.empty((L, V))
+        for l in range(L):
+            count_VG = np.zeros((V, G))
+            np.add.at(count_VG, vid_T, in_R_TLG[:, l])
+            token_rank_LV[l], token_conf_LV[l] = _winner(count_VG, support_V)
+        X = G ** options.order
+        ngram_rank_LX = np.zeros((L, X), dtype=np.int64)
+        ngram_conf_LX = np.zeros((L, X))
+        ngram_support_LX = np.zeros((L, X), dtype=np.int64)
+        for l in range(1, L):
+            ctx_T = _context(ranks_TLK[:, :, 0], l, G, options.order)
+            support_X = np.bincount(ctx_T, minlength=X)
+            count_XG = np.zeros((X, G))
+            np.add.at(count_XG, ctx_T, in_R_TLG[:, l])
+            ngram_rank_LX[l], ngram_conf_LX[l] = _winner(count_XG, support_X)
+            ngram_support_LX[l] = support_X
+        return cls(vocab_V.astype(np.int64), token_rank_LV, token_conf_LV, support_V.astype(np.int64),
+                   ngram_rank_LX, ngram_conf_LX, ngram_support_LX, G, placement_digest(placement), options)
+
+    # ---- predicting ----------------------------------------------------------------------------------------
+    def _token_lookup(self, token_ids_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index into the token table, known mask) for each id."""
+        ids = np.asarray(token_ids_T, dtype=np.int64).ravel()
+        idx = np.searchsorted(self.vocab_V, ids)
+        idx = np.minimum(idx, len(self.vocab_V) - 1)
+        return idx, self.vocab_V[idx] == ids
+
+    def predict_start_ranks(self, token_ids_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rank_T, confident_T): the rank predicted for each token's first MoE layer from its id alone.
+        rank is -1 for ids never seen while building (never confident)."""
+        idx, known = self._token_lookup(token_ids_T)
+        rank_T = np.where(known, self.token_rank_LV[0, idx], -1)
+        confident_T = known & (self.token_conf_LV[0, idx] >= self.options.min_confidence) \
+            & (self.support_V[idx] >= self.options.min_support)
+        return rank_T.astype(np.int64), confident_T
+
+    def predict_ranks(self, token_ids_T: np.ndarray, top1_rank_TL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rank_TL, confident_TL): per layer, the more confident of the token table (by id) and the n-gram
+        table (by the observed ranks of e_1 at the previous layers, ``top1_rank_TL``)."""
+        T, L = top1_rank_TL.shape
+        idx, known = self._token_lookup(token_ids_T)
+        min_c, min_s = self.options.min_confidence, self.options.min_support
+        rank_TL = np.full((T, L), -1, dtype=np.int64)
+        conf_TL = np.full((T, L), -1.0)
+        ok_TL = np.zeros((T, L), dtype=bool)
+        rank_TL[known] = self.token_rank_LV[:, idx[known]].T
+        conf_TL[known] = self.token_conf_LV[:, idx[known]].T
+        ok_TL[known] = (self.support_V[idx[known]] >= min_s)[:, None]
+        conf_TL = np.where(ok_TL, conf_TL, -1.0)
+        for l in range(1, L):
+            ctx_T = _context(top1_rank_TL, l, self.num_gpus, self.options.order)
+            n_conf = np.where(self.ngram_support_LX[l, ctx_T] >= min_s, self.ngram_conf_LX[l, ctx_T], -1.0)
+            better = n_conf > conf_TL[:, l]
+            rank_TL[better, l] = self.ngram_rank_LX[l, ctx_T[better]]
+            conf_TL[:, l] = np.maximum(conf_TL[:, l], n_conf)
+        return rank_TL, conf_TL >= min_c
+
+    def predict_home_rank(self, prompt_token_ids, default: int = 0) -> int:
+        """The rank a prompt's tokens are predicted to use most over all MoE layers (ties to the lowest rank);
+        ``default`` when none of its ids is known with enough support."""
+        idx, known = self._token_lookup(np.asarray(prompt_token_ids))
+        known &= self.support_V[idx] >= self.options.min_support
+        if not known.any():
+            return int(default)
+        votes_G = np.bincount(self.token_rank_LV[:, idx[known]].ravel(), minlength=self.num_gpus)
+        return int(np.argmax(votes_G))
+
+    def accuracy(self, trace: RoutingTrace, placement: Placement) -> dict:
+        """Per layer on ``trace`` (held-out data): how often the predicted rank is one of the token's expert
+        ranks, how many predictions are confident, and the accuracy of the confident ones."""
+        if not trace.has_token_ids:
+            raise TraceError("the trace has no vocabulary ids (token_ids): predictor accuracy cannot be measured")
+        self.check_placement(placement)
+        ranks_TLK = _ranks(trace, placement)
+        rank_TL, confident_TL = self.predict_ranks(trace.token_ids_T, ranks_TLK[:, :, 0])
+        hit_TL = (ranks_TLK == rank_TL[:, :, None]).any(axis=2)
+        n_conf_L = confident_TL.sum(axis=0)
+        return {"accuracy_L": hit_TL.mean(axis=0).tolist(),
+                "confident_L": confident_TL.mean(axis=0).tolist(),
+                "confident_accuracy_L": np.where(n_conf_L > 0, (hit_TL & confident_TL).sum(axis=0)
+                                                 / np.maximum(n_conf_L, 1), np.nan).tolist()}
+
+    def check_placement(self, placement: Placement) -> None:
+        if placement_digest(placement) != self.placement_sha256 or placement.num_layers != self.num_layers:
+            raise PlacementError("the predictor was built for a different placement (its placement sha256 "
+                                 f"{self.placement_sha256[:12]}... does not match); rebuild it with this placement")
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        header = {"format": "epserve-speculative-predictor", "version": FORMAT_VERSION,
+                  "num_gpus": self.num_gpus, "placement_sha256": self.placement_sha256,
+                  "options": self.options.to_dict()}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, header=np.array(json.dumps(header)), vocab=self.vocab_V,
+                            token_rank=self.token_rank_LV, token_conf=self.token_conf_LV, support=self.support_V,
+                            ngram_rank=self.ngram_rank_LX, ngram_conf=self.ngram_conf_LX,
+                            ngram_support=self.ngram_support_LX)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpeculativePredictor":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"predictor file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{path}: not a readable predictor .npz ({exc})") from None
+        missing = [k for k in ("header", "vocab", "token_rank", "token_conf", "support", "ngram_rank",
+                               "ngram_conf", "ngram_support") if k not in data]
+        if missing:
+            raise InputError(f"{path}: not a predictor file (missing {', '.join(missing)})")
+        try:
+            header = json.loads(str(data["header"]))
+            if header.get("version") != FORMAT_VERSION:
+                raise InputError(f"{path}: predictor version {header.get('version')!r} is not supported")
+            return cls(data["vocab"].astype(np.int64), data["token_rank"].astype(np.int64),
+                       data["token_conf"].astype(np.float64), data["support"].astype(np.int64),
+                       data["ngram_rank"].astype(np.int64), data["ngram_conf"].astype(np.float64),
+                       data["ngram_support"].astype(np.int64), int(header["num_gpus"]),
+                       str(header["placement_sha256"]), PredictorOptions(**header["options"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: predictor header is malformed ({exc})") from None
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+
+
+def _ranks(trace: RoutingTrace, placement: Placement) -> np.ndarray:
+    L = trace.num_layers
+    return placement.expert_to_gpu_LE[np.arange(L)[None, :, None], trace.experts_TLK.astype(np.int64)]
+
+
+def _rank_sets(ranks_TLK: np.ndarray, G: int) -> np.ndarray:
+    """[T, L, G] bool: rank g is one of the token's expert ranks at layer l."""
+    T, L, _ = ranks_TLK.shape
+    in_R_TLG = np.zeros((T, L, G), dtype=bool)
+    np.put_along_axis(in_R_TLG, ranks_TLK, True, axis=2)
+    return in_R_TLG
+
+
+def _context(top1_rank_TL: np.ndarray, l: int, G: int, order: int) -> np.ndarray:
+    """n-gram context id of each token at layer l >= 1 (order 2 falls back to order 1 at l = 1)."""
+    ctx_T = top1_rank_TL[:, l - 1].astype(np.int64)
+    if order == 2 and l >= 2:
+        ctx_T = ctx_T + G * top1_rank_TL[:, l - 2]
+    return ctx_T
+
+
+def _winner(count_NG: np.ndarray, support_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Most frequent rank per row (ties to the lowest) and its share of the row's occurrences."""
+    rank_N = np.argmax(count_NG, axis=1)
+    conf_N = count_NG[np.arange(len(rank_N)), rank_N] / np.maximum(support_N, 1)
+    return rank_N.astype(np.int64), conf_N

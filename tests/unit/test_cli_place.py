@@ -1,0 +1,163 @@
+"""``epserve place`` / ``epserve simulate`` end to end: outputs, tables, JSON, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch.cli import main
+from placement import Placement
+from placement.predictor import SpeculativePredictor
+from placement.synthetic import SyntheticSpec, synthetic_trace
+from tests.conftest import REPO_ROOT
+
+FAST = ["--restarts", "1", "--rounds", "10"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("traces") / "syn.npz"
+    spec = SyntheticSpec(num_tokens=1200, num_layers=4, num_experts=16, top_k=2, num_clusters=4, vocab_size=100,
+                         seq_len=12, seed=7)
+    synthetic_trace(spec).save(path)
+    return path
+
+
+def _run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_place_writes_placement_and_predictor_and_compares(tmp_path, synthetic_path, capsys):
+    out_json = tmp_path / "p.json"
+    rc, out, err = _run(["place", "--trace", synthetic_path, "--gpus-per-node", 4, "--held-out", 0.25,
+                         "-o", out_json, *FAST], capsys)
+    assert rc == 0
+    placement = Placement.load(out_json)
+    assert placement.num_gpus == 4 and placement.expert_to_gpu_LE.shape == (4, 16)
+    assert placement.solver["name"] == "local" and placement.solver["predictor"] == "p.predictor.npz"
+    assert {"time_s", "cpu_s", "status", "options"} <= placement.solver.keys()
+    assert {"value", "upper_bound", "gap"} <= placement.objective.keys()
+    assert placement.trace["tokens"] == 900 and placement.trace["total_tokens"] == 1200
+    assert len(placement.trace["sha256"]) == 64
+    SpeculativePredictor.load(tmp_path / "p.predictor.npz").check_placement(placement)
+    assert "local: start 1/1" in err                      # progress goes to stderr
+    for name in ("ours", "contiguous", "round_robin", "speculative", "held out (300 tokens)"):
+        assert name in out
+
+
+def test_place_json_and_simulate_on_held_out_real_trace(tmp_path, flame_encoder_trace_path, capsys):
+    out_json = tmp_path / "flame.json"
+    rc, out, _ = _run(["place", "--trace", flame_encoder_trace_path, "--gpus-per-node", 8, "--held-out", 0.4,
+                       "-o", out_json, "--json", *FAST], capsys)
+    assert rc == 0
+    summary = json.loads(out)
+    rows = {(r["placement"], r["strategy"]): r for r in summary["rows"]}
+    assert rows[("contiguous", "two_a2a")]["top1_cross_gpu_rate"] == pytest.approx(0.867, abs=0.005)
+    assert rows[("ours", "coherent")]["top1_cross_gpu_rate"] < 0.62
+    assert rows[("ours", "coherent")]["reduction_vs_baseline"] > 0.3
+    assert not (tmp_path / "flame.predictor.npz").exists()   # the FLAME traces carry no vocabulary ids
+    rc, out, _ = _run(["simulate", "--trace", flame_encoder_trace_path, "--placement", out_json,
+                       "--held-out", 0.4, "--strategy", "all", "--json"], capsys)
+    assert rc == 0
+    sim_rows = {(r["placement"], r["strategy"]): r for r in json.loads(out)["rows"]}
+    assert sim_rows[("ours", "coherent")]["transfers"] == rows[("ours", "coherent")]["transfers"]
+    assert {s for _, s in sim_rows} == {"two_a2a", "coherent"}
+
+
+def test_simulate_speculative_with_the_written_predictor(tmp_path, synthetic_path, capsys):
+    out_json = tmp_path / "p.json"
+    assert _run(["place", "--trace", synthetic_path, "--gpus-per-node", 4, "-o", out_json, *FAST], capsys)[0] == 0
+    rc, out, _ = _run(["simulate", "--trace", synthetic_path, "--placement", out_json, "--strategy", "speculative",
+                       "--json"], capsys)
+    assert rc == 0
+    strategies = {(r["placement"], r["strategy"]) for r in json.loads(out)["rows"]}
+    assert ("ours", "speculative") in strategies and ("contiguous", "two_a2a") in strategies
+
+
+def _trace_file(path, **arrays):
+    base = {"experts": np.zeros((4, 2, 2), np.int16) + np.array([0, 1], np.int16),
+            "weights": np.full((4, 2, 2), 0.5, np.float32), "meta": np.array(json.dumps({"num_experts": 8}))}
+    base.update(arrays)
+    np.savez(path, **{k: v for k, v in base.items() if v is not None})
+    return path
+
+
+BAD_TRACES = {
+    "not_npz": (None, "not a readable .npz trace"),
+    "shape": ({"experts": np.zeros((4, 2), np.int16)}, "experts must be a 3-d array"),
+    "range": ({"experts": np.full((4, 2, 2), 9, np.int16) + np.array([0, 1], np.int16)},
+              "expert id 9 out of range [0, 8)"),
+    "nan": ({"weights": np.full((4, 2, 2), np.nan, np.float32)}, "weights hold NaN or inf"),
+    "missing": ({"weights": None}, "missing array 'weights'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRACES))
+def test_place_refuses_bad_traces_and_writes_nothing(tmp_path, case, capsys):
+    arrays, message = BAD_TRACES[case]
+    trace = tmp_path / "t.npz"
+    if arrays is None:
+        trace.write_bytes(b"garbage")
+    else:
+        _trace_file(trace, **arrays)
+    before = sorted(os.listdir(tmp_path))
+    rc, out, err = _run(["place", "--trace", trace, "--gpus-per-node", 2, "-o", tmp_path / "p.json"], capsys)
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_place_refuses_other_bad_inputs(tmp_path, capsys):
+    trace = _trace_file(tmp_path / "t.npz")
+    cases = [
+        (["--gpus-per-node", 3], "8 experts cannot be split evenly over 3 GPUs"),
+        (["--gpus-per-node", 2, "--held-out", 1.5], "--held-out must be a fraction in (0, 1)"),
+        (["--gpus-per-node", 0], "cluster.gpus_per_node must be a positive integer"),
+        (["--gpus-per-node", 2, "--time-limit", -1], "time limit must be a positive number"),
+    ]
+    for extra, message in cases:
+        rc, _, err = _run(["place", "--trace", trace, "-o", tmp_path / "p.json", *extra], capsys)
+        assert (rc, message in err) == (2, True), (extra, err)
+    rc, _, err = _run(["place", "--trace", trace, "--gpus-per-node", 2, "-o", tmp_path / "no" / "p.json"], capsys)
+    assert rc == 2 and "output directory does not exist" in err
+    assert sorted(os.listdir(tmp_path)) == ["t.npz"]
+
+
+def test_simulate_refuses_bad_placements(tmp_path, flame_encoder_trace_path, synthetic_path, capsys):
+    good = tmp_path / "good.json"
+    assert _run(["place", "--trace", synthetic_path, "--gpus-per-node", 4, "-o", good, *FAST], capsys)[0] == 0
+    d = json.loads(good.read_text())
+    uneven = dict(d, expert_to_gpu=[[0] * 16] * 4)
+    files = {"broken.json": ("{not json", "not valid JSON"),
+             "uneven.json": (json.dumps(uneven), "layer 0: GPU 0 holds 16 experts, every GPU must hold 4"),
+             "v2.json": (json.dumps(dict(d, version=2)), "placement version 2 is not supported")}
+    for name, (text, message) in files.items():
+        (tmp_path / name).write_text(text)
+        rc, _, err = _run(["simulate", "--trace", synthetic_path, "--placement", tmp_path / name], capsys)
+        assert (rc, message in err, "Traceback" in err) == (2, True, False), (name, err)
+    rc, _, err = _run(["simulate", "--trace", flame_encoder_trace_path, "--placement", good], capsys)
+    assert rc == 2 and "placement is for 4 MoE layers x 16 experts, but the trace has 8 x 64" in err
+    rc, _, err = _run(["simulate", "--trace", synthetic_path, "--placement", tmp_path / "absent.json"], capsys)
+    assert rc == 2 and "placement file not found" in err
+
+
+def test_speculative_on_an_id_less_trace_is_refused_in_a_real_process(tmp_path, flame_encoder_trace_path):
+    placement = tmp_path / "p.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "launch.cli"]
+    ok = subprocess.run(cmd + ["place", "--trace", str(flame_encoder_trace_path), "--gpus-per-node", "8",
+                               "--solver", "contiguous", "-o", str(placement)], env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(cmd + ["simulate", "--trace", str(flame_encoder_trace_path), "--placement", str(placement),
+                                "--strategy", "speculative"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "has no vocabulary ids (token_ids): the speculative strategies need them" in bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stdout == ""
