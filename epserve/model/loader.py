@@ -98,6 +98,16 @@ def load_model(model_dir: str | Path, *, experts: Mapping[int, Iterable[int]] | 
     return model, report
 
 
+def check_checkpoint(model_dir: str | Path) -> ModelConfig:
+    """Validate ``model_dir`` as :func:`load_model` would (config.json, every tensor's name, shape and dtype
+    from the safetensors headers) without reading any tensor data. Raises CheckpointError naming the problem."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    headers = _read_headers(model_dir)
+    _check_checkpoint(config, _expected_tensors(config, headers), headers, model_dir)
+    return config
+
+
 # ---- which experts -------------------------------------------------------------------------------------
 def _select_experts(config: ModelConfig, experts) -> dict[int, tuple[int, ...]]:
     L, E = config.num_moe_layers, config.num_experts

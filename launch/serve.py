@@ -1,0 +1,201 @@
+"""The torchrun worker: ``python -m launch.serve <args>`` runs on every rank (``epserve serve`` starts it).
+
+    torchrun env (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) --> init_ep_topology(env://, collective timeout)
+      --> build_runner (this rank's experts only)
+      --> rank 0:    start_engine (engine thread) + create_app --> uvicorn in the main thread
+                     engine on_fatal --> /health 503 for FATAL_GRACE_S --> server stops --> exit 1
+                     SIGINT/SIGTERM --> server stops --> engine.shutdown() (every rank leaves its loop) --> exit
+      --> ranks > 0: follow(runner) until the shutdown plan (or a failed collective) --> exit
+    Once stopping has begun, a watchdog ends the process (os._exit) after EXIT_DEADLINE_S, so no rank lingers on
+    a collective whose peers are gone. Ranks also die with torchrun (PR_SET_PDEATHSIG).
+
+This module and launch/serve_cmd.py are the only places that read environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from comm.strategy import Strategy
+from comm.topology import EPTopology, init_ep_topology
+from epserve.engine.builder import build_runner
+from placement.placement import Placement
+
+from launch.serve_cmd import API_KEY_ENV, add_model_arguments
+
+FATAL_GRACE_S = 1.5      # /health answers 503 this long after the engine failed, then the server stops
+EXIT_DEADLINE_S = 8.0    # from the start of a stop to a forced exit
+ENGINE_STOP_S = 5.0      # bounded wait for engine.shutdown() (it broadcasts a shutdown plan)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launch.serve", description="epserve torchrun worker")
+    add_model_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def topology_from_env(collective_timeout_s: float) -> EPTopology:
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return init_ep_topology(rank=int(env.get("RANK", "0")), world_size=world,
+                            local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+                            init_method="env://", timeout_s=collective_timeout_s)
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when torchrun (its parent) dies, whatever killed it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+class Watchdog:
+    """Forces the exit once a stop has lasted ``deadline_s`` (a peer that is gone can hang a collective)."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self._armed = threading.Event()
+
+    def arm(self, code: int) -> None:
+        if self._armed.is_set():
+            return
+        self._armed.set()
+
+        def expire() -> None:
+            time.sleep(self.deadline_s)
+            print(f"epserve worker: still stopping after {self.deadline_s:.0f} s; exiting", file=sys.stderr,
+                  flush=True)
+            os._exit(code)
+
+        threading.Thread(target=expire, daemon=True, name="exit-watchdog").start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    die_with_parent()
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    topology = topology_from_env(args.collective_timeout)
+    placement = Placement.load(args.placement) if args.placement else None
+    runner = build_runner(args.model, topology, strategy=Strategy.parse(args.strategy), placement=placement,
+                          predictor_path=args.predictor, kv_cache_tokens=args.kv_cache_tokens,
+                          record_tokens=args.record_tokens if args.record_trace else 0)
+    watchdog = Watchdog(EXIT_DEADLINE_S)
+    if topology.rank == 0:
+        code = serve_rank0(args, runner, watchdog)
+    else:
+        code = follow_rank(args, runner, watchdog)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)   # skip interpreter teardown: a dead peer can hang process-group destructors
+
+
+# ---- rank 0 -------------------------------------------------------------------------------------------------
+def serve_rank0(args, runner, watchdog: Watchdog) -> int:
+    import uvicorn
+
+    from epserve.engine.engine import start_engine
+    from epserve.server.app import create_app
+
+    stop_signal = threading.Event()
+    fatal = threading.Event()
+    server_box: list[uvicorn.Server] = []
+
+    def on_signal(sig, _frame) -> None:   # also what uvicorn re-raises after its own handling
+        stop_signal.set()
+        watchdog.arm(0)
+        if server_box:
+            server_box[0].should_exit = True
+
+    def on_fatal(reason: str) -> None:    # engine thread
+        print(f"epserve worker: engine failed: {reason}", file=sys.stderr, flush=True)
+        fatal.set()
+        watchdog.arm(1)
+        threading.Timer(FATAL_GRACE_S, lambda: setattr(server_box[0], "should_exit", True)).start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    engine = start_engine(runner, _engine_config(args, runner), placement_document=runner.placement.to_dict(),
+                          on_fatal=on_fatal)
+    app = create_app(engine, _server_config(args))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                          timeout_graceful_shutdown=2))
+    server_box.append(server)
+    try:
+        server.run()
+    finally:
+        watchdog.arm(1 if fatal.is_set() else 0)
+        clean = _stop_engine(engine)
+    if fatal.is_set() or not clean:
+        return 1
+    return _save_trace(args, runner)
+
+
+def _stop_engine(engine) -> bool:
+    """engine.shutdown() in a thread, waited for at most ENGINE_STOP_S. True when it returned."""
+    done = threading.Event()
+
+    def stop() -> None:
+        try:
+            engine.shutdown()
+            done.set()
+        except Exception as exc:  # noqa: BLE001 - reported; the exit status says it
+            print(f"epserve worker: engine shutdown failed: {exc}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=stop, daemon=True, name="engine-stop").start()
+    return done.wait(ENGINE_STOP_S)
+
+
+# ---- ranks > 0 ----------------------------------------------------------------------------------------------
+def follow_rank(args, runner, watchdog: Watchdog) -> int:
+    from epserve.engine.engine import follow
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0 stops the group (a shutdown plan)
+    try:
+        follow(runner)
+    except Exception as exc:  # noqa: BLE001 - a failed collective: rank 0 or a peer is gone
+        print(f"epserve worker rank {runner.topology.rank}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    watchdog.arm(1)
+    return _save_trace(args, runner)
+
+
+def _save_trace(args, runner) -> int:
+    """Collective (after a clean stop every rank is here): rank 0 writes --record-trace."""
+    if not args.record_trace or runner.recorder is None:
+        return 0
+    trace = runner.recorder.save(runner.coll, Path(args.record_trace))
+    if runner.topology.rank == 0:
+        print(f"epserve worker: wrote {args.record_trace} ({trace.num_tokens} tokens)", file=sys.stderr, flush=True)
+    return 0
+
+
+# ---- configuration of the engine and the server --------------------------------------------------------------
+def _engine_config(args, runner):
+    from epserve.engine.engine import EngineConfig
+
+    given = {"max_running": args.max_running, "max_batched_tokens": args.max_batched_tokens,
+             "max_waiting": args.max_waiting, "max_model_len": args.max_model_len,
+             "model_name": args.served_model_name or Path(args.model).name}
+    return EngineConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _server_config(args):
+    from epserve.server.app import ServerConfig
+    from epserve.server.text import Tokenizer
+
+    return ServerConfig(api_key=os.environ.get(API_KEY_ENV) or None, tokenizer=Tokenizer.from_dir(args.model))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""``epserve serve``: check everything in this process, then run torchrun with ``launch.serve`` on every rank.
+
+    argv --> pre-flight (nothing started yet): checkpoint headers + tokenizer, placement fits the model
+         (layers x experts) and the world (nnodes x nproc), strategy has its predictor, limits are sane
+         --> InputError: one line, exit status 2
+    --> torchrun child (own session): python -m torch.distributed.run ... -m launch.serve <worker args>
+         SIGINT/SIGTERM forwarded to it (a second one kills it; its workers die with it: PDEATHSIG)
+    --> node 0: poll /health until the server answers, print where it listens
+    --> exit status of torchrun (0 after a requested stop that ended cleanly)
+
+The API key travels to the workers in the environment (EPSERVE_API_KEY), never on a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from comm.spawn import free_port
+from comm.strategy import Strategy
+from epserve.model.config import ModelConfig
+from placement.errors import InputError, PlacementError
+from placement.placement import Placement, contiguous_placement
+from placement.cluster import ClusterShape
+
+API_KEY_ENV = "EPSERVE_API_KEY"
+STOP_GRACE_S = 40.0        # after a forwarded signal, torchrun gets this long before SIGKILL
+WORKER_SHUTDOWN_S = 10     # torchrun: SIGTERM to a worker, then SIGKILL after this long
+
+
+def default_model_dir() -> Path:
+    """The bundled default model (found through the installed package: works offline)."""
+    return Path(str(resources.files("epserve") / "assets" / "default_model"))
+
+
+# ---- arguments ----------------------------------------------------------------------------------------------
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options a worker needs too (``launch.serve`` parses the same ones)."""
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled default model)")
+    p.add_argument("--strategy", default=Strategy.TWO_A2A.value, choices=[s.value for s in Strategy])
+    p.add_argument("--placement", help="placement JSON (from epserve place; default: contiguous)")
+    p.add_argument("--predictor", help="predictor .npz (default: the one the placement names)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="model name the API reports (default: the checkpoint's name)")
+    p.add_argument("--max-running", type=int, help="sequences in the running batch")
+    p.add_argument("--max-batched-tokens", type=int, help="tokens per engine step")
+    p.add_argument("--max-waiting", type=int, help="queued requests before 503")
+    p.add_argument("--kv-cache-tokens", type=int, default=8192, help="KV cache capacity per rank (tokens)")
+    p.add_argument("--max-model-len", type=int, help="prompt + generated tokens of one sequence")
+    p.add_argument("--record-trace", help="write the routing of live traffic to this .npz at shutdown")
+    p.add_argument("--record-tokens", type=int, default=65536, help="tokens to record (with --record-trace)")
+    p.add_argument("--collective-timeout", type=float, default=60.0,
+                   help="seconds before a stuck collective fails the engine (finite)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI API) on EP ranks under torchrun",
+                              description="Check the model, placement and options, then start torchrun with "
+                                          "one rank per GPU; rank 0 serves the OpenAI-compatible API.")
+    add_model_arguments(p)
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks (GPUs) on this node")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one; set it for nnodes > 1)")
+    p.add_argument("--api-key", help=f"require this bearer token (default: ${API_KEY_ENV})")
+    p.set_defaults(func=run_serve)
+
+
+# ---- pre-flight ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Preflight:
+    """What the checks resolved: absolute paths the workers get, and what to print."""
+
+    model_dir: Path
+    config: ModelConfig
+    placement: Placement
+    placement_path: Path | None
+    predictor_path: Path | None
+    world_size: int
+
+
+def preflight(args) -> Preflight:
+    """Every check that can fail on the user's input, before any process starts. Raises InputError."""
+    _check_numbers(args)
+    model_dir = Path(args.model).resolve() if args.model else default_model_dir()
+    from epserve.model.loader import check_checkpoint
+    config = check_checkpoint(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"{model_dir}: no tokenizer.json (the server needs the model's tokenizer)")
+    world = args.nnodes * args.nproc_per_node
+    if config.num_experts % world:
+        raise InputError(f"the model's {config.num_experts} experts cannot be split evenly over {world} ranks "
+                         f"(--nnodes {args.nnodes} x --nproc-per-node {args.nproc_per_node})")
+    placement_path = Path(args.placement).resolve() if args.placement else None
+    if placement_path is None:
+        placement = contiguous_placement(config.num_moe_layers, config.num_experts,
+                                         ClusterShape(nodes=args.nnodes, gpus_per_node=args.nproc_per_node))
+    else:
+        placement = Placement.load(placement_path)
+        placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts,
+                             what=f"the model ({model_dir.name})")
+        if placement.num_gpus != world:
+            raise PlacementError(f"{placement_path} is for {placement.num_gpus} GPUs, but --nnodes {args.nnodes} "
+                                 f"x --nproc-per-node {args.nproc_per_node} = {world} ranks")
+    predictor_path = _predictor(args, Strategy.parse(args.strategy), placement, placement_path)
+    if args.max_model_len is not None and args.max_model_len > config.max_position_embeddings:
+        raise InputError(f"--max-model-len {args.max_model_len} exceeds the model's context "
+                         f"({config.max_position_embeddings} positions)")
+    if args.record_trace and not Path(args.record_trace).resolve().parent.is_dir():
+        raise InputError(f"--record-trace: directory does not exist: {Path(args.record_trace).parent}")
+    return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
+                     predictor_path=predictor_path, world_size=world)
+
+
+def _check_numbers(args) -> None:
+    positive = {"--nproc-per-node": args.nproc_per_node, "--nnodes": args.nnodes,
+                "--kv-cache-tokens": args.kv_cache_tokens, "--record-tokens": args.record_tokens,
+                "--max-running": args.max_running, "--max-batched-tokens": args.max_batched_tokens,
+                "--max-model-len": args.max_model_len}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise InputError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise InputError(f"--node-rank {args.node_rank} is not in [0, --nnodes {args.nnodes})")
+    if args.nnodes > 1 and args.master_port is None:
+        raise InputError("--master-port is required with --nnodes > 1 (every node must name the same one)")
+    for flag, port in (("--port", args.port), ("--master-port", args.master_port)):
+        if port is not None and not 0 < port < 65536:
+            raise InputError(f"{flag} {port} is not a TCP port (1..65535)")
+    if not (math.isfinite(args.collective_timeout) and args.collective_timeout > 0):
+        raise InputError(f"--collective-timeout must be a finite number of seconds > 0, got "
+                         f"{args.collective_timeout}")
+
+
+def _predictor(args, strategy: Strategy, placement: Placement, placement_path: Path | None) -> Path | None:
+    """The predictor file the strategy needs (checked against the placement), or None."""
+    if not strategy.needs_predictor:
+        return None
+    if args.predictor:
+        path = Path(args.predictor).resolve()
+    elif placement_path is not None and placement.solver.get("predictor"):
+        path = placement_path.with_name(placement.solver["predictor"])
+    else:
+        raise InputError(f"strategy {strategy.value} needs a predictor: pass --predictor, or a --placement "
+                         f"written by `epserve place` from a trace with vocabulary ids (it names one)")
+    if not path.is_file():
+        raise InputError(f"predictor file not found: {path}")
+    from placement.predictor import SpeculativePredictor
+    SpeculativePredictor.load(path).check_placement(placement)
+    return path
+
+
+# ---- torchrun -----------------------------------------------------------------------------------------------
+def worker_argv(args, pre: Preflight) -> list[str]:
+    """``launch.serve``'s arguments: the resolved paths and every model option as given."""
+    out = ["--model", str(pre.model_dir), "--strategy", args.strategy, "--host", args.host, "--port", str(args.port),
+           "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
+           "--collective-timeout", str(args.collective_timeout)]
+    optional = {"--placement": pre.placement_path, "--predictor": pre.predictor_path,
+                "--served-model-name": args.served_model_name, "--max-running": args.max_running,
+                "--max-batched-tokens": args.max_batched_tokens, "--max-waiting": args.max_waiting,
+                "--max-model-len": args.max_model_len,
+                "--record-trace": Path(args.record_trace).resolve() if args.record_trace else None}
+    for flag, value in optional.items():
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def torchrun_argv(args, pre: Preflight) -> list[str]:
+    port = args.master_port if args.master_port is not None else free_port()
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
+            "--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank), "--master-addr", args.master_addr,
+            "--master-port", str(port), "--max-restarts", "0", "--monitor-interval", "0.5",
+            "--shutdown-timeout", str(WORKER_SHUTDOWN_S), "-m", "launch.serve", *worker_argv(args, pre)]
+
+
+def worker_env(args) -> dict[str, str]:
+    env = dict(os.environ)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key:
+        env[API_KEY_ENV] = api_key
+    else:
+        env.pop(API_KEY_ENV, None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_serve(args) -> int:
+    pre = preflight(args)
+    child = subprocess.Popen(torchrun_argv(args, pre), env=worker_env(args), start_new_session=True)
+    stop = _forward_signals(child)
+    if args.node_rank == 0:
+        threading.Thread(target=_announce, args=(child, args, pre), daemon=True).start()
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+def _forward_signals(child: subprocess.Popen) -> threading.Event:
+    """SIGINT/SIGTERM go to torchrun (which stops its workers); a second one, or STOP_GRACE_S without an
+    exit, kills it."""
+    stop = threading.Event()
+
+    def handler(sig, _frame):
+        if stop.is_set():
+            _kill(child)
+            return
+        stop.set()
+        with _ignore_gone():
+            child.send_signal(sig)
+        threading.Timer(STOP_GRACE_S, _kill, args=(child,)).start()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _kill(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        with _ignore_gone():
+            child.kill()
+
+
+class _ignore_gone:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, ProcessLookupError)
+
+
+def _announce(child: subprocess.Popen, args, pre: Preflight) -> None:
+    """Print where the server listens once /health answers (any HTTP status), while torchrun lives."""
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    url = f"http://{host}:{args.port}/health"
+    while child.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=1.0).close()
+        except urllib.error.HTTPError:
+            pass                                  # it answered: up (503 while warming up, 401 with a key)
+        except (OSError, ValueError):
+            time.sleep(0.25)
+            continue
+        print(f"epserve serve: listening on http://{args.host}:{args.port} ({pre.model_dir.name}, "
+              f"{pre.world_size} rank(s), strategy {args.strategy}, placement "
+              f"{pre.placement_path or 'contiguous'})", file=sys.stderr, flush=True)
+        return

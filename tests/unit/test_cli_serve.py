@@ -1,0 +1,155 @@
+"""``epserve serve`` pre-flight (in this process: nothing may start on bad input) and the torchrun command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import psutil
+import pytest
+
+from launch import serve, serve_cmd
+from launch.cli import build_parser, main
+from placement import Placement
+from placement.cluster import ClusterShape
+from placement.placement import contiguous_placement
+
+DEFAULT = serve_cmd.default_model_dir()   # Mixtral, 6 MoE layers x 16 experts, top-2
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def _placement(path, *, layers=6, experts=16, gpus=4, solver=None):
+    p = contiguous_placement(layers, experts, ClusterShape(nodes=1, gpus_per_node=gpus))
+    Placement(p.expert_to_gpu_LE, p.cluster, solver=solver or {"name": "contiguous"}).save(path)
+    return path
+
+
+def _refused(capsys, *argv: str) -> str:
+    """Run ``epserve serve argv`` here; it must exit 2 with one line and leave no child process behind."""
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    assert main(["serve", *argv]) == 2
+    assert {c.pid for c in psutil.Process().children(recursive=True)} == before
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("epserve serve: error: ")
+    return err
+
+
+def test_default_model_is_found_through_the_package():
+    assert (DEFAULT / "config.json").is_file() and (DEFAULT / "tokenizer.json").is_file()
+    pre = serve_cmd.preflight(_args("--nproc-per-node", "4"))
+    assert pre.model_dir == DEFAULT
+    assert pre.world_size == 4
+    assert pre.placement.num_gpus == 4 and pre.placement.solver == {"name": "contiguous"}
+    assert pre.placement.experts_on(1).tolist() == [[4, 5, 6, 7]] * 6
+    assert pre.predictor_path is None
+
+
+def test_placement_with_the_wrong_expert_count_is_refused(tmp_path, capsys):
+    path = _placement(tmp_path / "p.json", experts=8)
+    err = _refused(capsys, "--nproc-per-node", "4", "--placement", str(path))
+    assert "placement is for 6 MoE layers x 8 experts, but the model (default_model) has 6 x 16" in err
+
+
+def test_placement_for_another_gpu_count_is_refused(tmp_path, capsys):
+    path = _placement(tmp_path / "p.json", gpus=4)
+    err = _refused(capsys, "--nproc-per-node", "2", "--placement", str(path))
+    assert "is for 4 GPUs, but --nnodes 1 x --nproc-per-node 2 = 2 ranks" in err
+
+
+def test_unreadable_placement_is_refused(tmp_path, capsys):
+    (tmp_path / "p.json").write_text("{not json")
+    assert "not valid JSON" in _refused(capsys, "--placement", str(tmp_path / "p.json"))
+
+
+def test_speculative_needs_a_predictor(tmp_path, capsys):
+    err = _refused(capsys, "--nproc-per-node", "2", "--strategy", "speculative")
+    assert "strategy speculative needs a predictor" in err
+    path = _placement(tmp_path / "p.json", gpus=2, solver={"name": "local", "predictor": "p.predictor.npz"})
+    err = _refused(capsys, "--nproc-per-node", "2", "--strategy", "speculative", "--placement", str(path))
+    assert f"predictor file not found: {tmp_path / 'p.predictor.npz'}" in err
+
+
+def test_experts_must_split_evenly_over_the_ranks(capsys):
+    err = _refused(capsys, "--nproc-per-node", "3")
+    assert "16 experts cannot be split evenly over 3 ranks" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--collective-timeout", "inf"], "--collective-timeout must be a finite number of seconds > 0, got inf"),
+    (["--collective-timeout", "0"], "--collective-timeout must be a finite number of seconds > 0, got 0.0"),
+    (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-port", "29500"], "--node-rank 2 is not in [0, --nnodes 2)"),
+    (["--nnodes", "2", "--node-rank", "1"], "--master-port is required with --nnodes > 1"),
+    (["--port", "70000"], "--port 70000 is not a TCP port"),
+    (["--kv-cache-tokens", "0"], "--kv-cache-tokens must be >= 1, got 0"),
+    (["--max-model-len", "513"], "--max-model-len 513 exceeds the model's context (512 positions)"),
+    (["--record-trace", "/no/such/dir/t.npz"], "--record-trace: directory does not exist: /no/such/dir"),
+])
+def test_bad_options_are_refused(argv, message, capsys):
+    assert message in _refused(capsys, *argv)
+
+
+def test_broken_checkpoints_are_refused(tmp_path, capsys):
+    err = _refused(capsys, "--model", str(tmp_path / "absent"))
+    assert f"checkpoint directory not found: {tmp_path / 'absent'}" in err
+
+    bad = tmp_path / "bad"
+    shutil.copytree(DEFAULT, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert f"{bad / 'model.safetensors'}: not a readable safetensors file" in _refused(capsys, "--model", str(bad))
+
+    cfg = json.loads((DEFAULT / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, num_local_experts=8)))
+    shutil.copy(DEFAULT / "model.safetensors", bad / "model.safetensors")
+    assert "has shape [16, 128], the config implies [8, 128]" in _refused(capsys, "--model", str(bad))
+
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    assert "model_type" in _refused(capsys, "--model", str(bad))
+
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "tokenizer.json").unlink()
+    assert f"{bad}: no tokenizer.json" in _refused(capsys, "--model", str(bad))
+
+
+def test_torchrun_command_line(tmp_path):
+    path = _placement(tmp_path / "p.json", gpus=4)
+    args = _args("--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                 "--master-port", "29555", "--placement", str(path), "--port", "8123", "--max-running", "7",
+                 "--collective-timeout", "30", "--api-key", "sekrit")
+    argv = serve_cmd.torchrun_argv(args, serve_cmd.preflight(args))
+    head = argv[: argv.index("launch.serve") + 1]
+    assert head[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "1",
+                        "--master-addr", "10.0.0.1", "--master-port", "29555", "--max-restarts", "0",
+                        "--monitor-interval", "0.5", "--shutdown-timeout", str(serve_cmd.WORKER_SHUTDOWN_S),
+                        "-m", "launch.serve"]
+    assert "sekrit" not in " ".join(argv)
+    assert serve_cmd.worker_env(args)[serve_cmd.API_KEY_ENV] == "sekrit"
+    worker = serve.parse_args(argv[len(head):])
+    assert (worker.model, worker.placement, worker.port, worker.max_running, worker.collective_timeout) == (
+        str(DEFAULT), str(path), 8123, 7, 30.0)
+    assert worker.strategy == "two_a2a" and worker.predictor is None and worker.max_waiting is None
+
+
+def test_speculative_takes_the_predictor_the_placement_names(tmp_path):
+    from placement.predictor import PredictorOptions, SpeculativePredictor
+    from placement.trace import RoutingTrace
+
+    rng = np.random.default_rng(0)
+    T = 200
+    experts_TLK = np.stack([rng.permutation(16)[:2] for _ in range(T * 6)]).reshape(T, 6, 2).astype(np.int16)
+    trace = RoutingTrace(experts_TLK, np.full((T, 6, 2), 0.5, np.float32), 16,
+                         rng.integers(0, 50, T).astype(np.int32))
+    placement = contiguous_placement(6, 16, ClusterShape(nodes=1, gpus_per_node=2))
+    SpeculativePredictor.build(trace, placement, PredictorOptions()).save(tmp_path / "p.predictor.npz")
+    path = _placement(tmp_path / "p.json", gpus=2, solver={"name": "local", "predictor": "p.predictor.npz"})
+    args = _args("--nproc-per-node", "2", "--strategy", "speculative", "--placement", str(path))
+    pre = serve_cmd.preflight(args)
+    assert pre.predictor_path == tmp_path / "p.predictor.npz"
+    worker = serve.parse_args(serve_cmd.worker_argv(args, pre))
+    assert worker.predictor == str(tmp_path / "p.predictor.npz") and worker.strategy == "speculative"
+    # the two_a2a strategy does not take it
+    assert serve_cmd.preflight(_args("--nproc-per-node", "2", "--placement", str(path))).predictor_path is None
