@@ -21,6 +21,7 @@ from comm.counters import CollKind, CommCounters
 from comm.topology import EPTopology
 from epserve.engine.api import LayerTraffic
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _COUNTER_COLS = 4   # calls, payload bytes, transfers, local activations
 
 
@@ -61,7 +62,7 @@ class LiveStats:
         G = self.topology.world_size
         if G > 1:
             out_GX = torch.empty(G * vec_X.numel(), dtype=torch.int64)
-            dist.all_gather_into_tensor(out_GX, vec_X, group=self.topology.cpu_group)
+            _all_gather_single(out_GX, vec_X, group=self.topology.cpu_group)
             vec_GX = out_GX.view(G, -1)
         else:
             vec_GX = vec_X[None]
