@@ -30,11 +30,10 @@ from comm.topology import EPTopology, init_ep_topology
 from epserve.engine.builder import build_runner
 from placement.placement import Placement
 
-from launch.serve_cmd import API_KEY_ENV, add_model_arguments
+from launch.serve_cmd import API_KEY_ENV, ENGINE_STOP_S, add_model_arguments, engine_config
 
 FATAL_GRACE_S = 1.5      # /health answers 503 this long after the engine failed, then the server stops
-EXIT_DEADLINE_S = 8.0    # from the start of a stop to a forced exit
-ENGINE_STOP_S = 5.0      # bounded wait for engine.shutdown() (it broadcasts a shutdown plan)
+EXIT_DEADLINE_S = 15.0   # from the start of a stop to a forced exit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,35 +124,31 @@ def serve_rank0(args, runner, watchdog: Watchdog) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    engine = start_engine(runner, _engine_config(args, runner), placement_document=runner.placement.to_dict(),
-                          on_fatal=on_fatal)
+    engine = start_engine(runner, engine_config(args, Path(args.model)),
+                          placement_document=runner.placement.to_dict(), on_fatal=on_fatal)
     app = create_app(engine, _server_config(args))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                           timeout_graceful_shutdown=2))
     server_box.append(server)
     try:
         server.run()
+    except SystemExit:          # uvicorn could not start (e.g. the port is taken); it logged why
+        fatal.set()
     finally:
         watchdog.arm(1 if fatal.is_set() else 0)
         clean = _stop_engine(engine)
-    if fatal.is_set() or not clean:
-        return 1
-    return _save_trace(args, runner)
+    return 1 if fatal.is_set() or not clean else 0
 
 
 def _stop_engine(engine) -> bool:
-    """engine.shutdown() in a thread, waited for at most ENGINE_STOP_S. True when it returned."""
-    done = threading.Event()
-
-    def stop() -> None:
-        try:
-            engine.shutdown()
-            done.set()
-        except Exception as exc:  # noqa: BLE001 - reported; the exit status says it
-            print(f"epserve worker: engine shutdown failed: {exc}", file=sys.stderr, flush=True)
-
-    threading.Thread(target=stop, daemon=True, name="engine-stop").start()
-    return done.wait(ENGINE_STOP_S)
+    """Every rank leaves its loop (the engine sends a shutdown plan; bounded by its shutdown_timeout_s).
+    True when the engine thread ended without a failure."""
+    try:
+        engine.shutdown()
+    except Exception as exc:  # noqa: BLE001 - reported; the exit status says it
+        print(f"epserve worker: engine shutdown failed: {exc}", file=sys.stderr, flush=True)
+        return False
+    return engine.join(timeout=0.1) and engine.dead_reason is None
 
 
 # ---- ranks > 0 ----------------------------------------------------------------------------------------------
@@ -167,34 +162,16 @@ def follow_rank(args, runner, watchdog: Watchdog) -> int:
         print(f"epserve worker rank {runner.topology.rank}: {exc}", file=sys.stderr, flush=True)
         return 1
     watchdog.arm(1)
-    return _save_trace(args, runner)
-
-
-def _save_trace(args, runner) -> int:
-    """Collective (after a clean stop every rank is here): rank 0 writes --record-trace."""
-    if not args.record_trace or runner.recorder is None:
-        return 0
-    trace = runner.recorder.save(runner.coll, Path(args.record_trace))
-    if runner.topology.rank == 0:
-        print(f"epserve worker: wrote {args.record_trace} ({trace.num_tokens} tokens)", file=sys.stderr, flush=True)
     return 0
 
 
-# ---- configuration of the engine and the server --------------------------------------------------------------
-def _engine_config(args, runner):
-    from epserve.engine.engine import EngineConfig
-
-    given = {"max_running": args.max_running, "max_batched_tokens": args.max_batched_tokens,
-             "max_waiting": args.max_waiting, "max_model_len": args.max_model_len,
-             "model_name": args.served_model_name or Path(args.model).name}
-    return EngineConfig(**{k: v for k, v in given.items() if v is not None})
-
-
+# ---- configuration of the server ------------------------------------------------------------------------------
 def _server_config(args):
     from epserve.server.app import ServerConfig
-    from epserve.server.text import Tokenizer
 
-    return ServerConfig(api_key=os.environ.get(API_KEY_ENV) or None, tokenizer=Tokenizer.from_dir(args.model))
+    names = (args.served_model_name,) if args.served_model_name else ()
+    return ServerConfig(model_dir=args.model, served_model_names=names,
+                        api_key=os.environ.get(API_KEY_ENV) or None)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from placement.cluster import ClusterShape
 API_KEY_ENV = "EPSERVE_API_KEY"
 STOP_GRACE_S = 40.0        # after a forwarded signal, torchrun gets this long before SIGKILL
 WORKER_SHUTDOWN_S = 10     # torchrun: SIGTERM to a worker, then SIGKILL after this long
+ENGINE_STOP_S = 5.0        # rank 0 waits this long for the engine's shutdown plan to go round
+ENGINE_HEARTBEAT_S = 0.5   # the engine's idle plan interval (EngineConfig default)
 
 
 def default_model_dir() -> Path:
@@ -121,8 +123,25 @@ def preflight(args) -> Preflight:
                          f"({config.max_position_embeddings} positions)")
     if args.record_trace and not Path(args.record_trace).resolve().parent.is_dir():
         raise InputError(f"--record-trace: directory does not exist: {Path(args.record_trace).parent}")
+    try:
+        engine_config(args, model_dir)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
                      predictor_path=predictor_path, world_size=world)
+
+
+def engine_config(args, model_dir: Path):
+    """The EngineConfig the options ask for (defaults from the checkpoint). Raises ValueError."""
+    from epserve.engine.engine import EngineConfig
+
+    given = {"max_running_seqs": args.max_running, "max_batched_tokens": args.max_batched_tokens,
+             "max_waiting": args.max_waiting, "max_model_len": args.max_model_len,
+             "model_name": args.served_model_name,
+             "record_trace_path": str(Path(args.record_trace).resolve()) if args.record_trace else None,
+             "stuck_after_s": max(args.collective_timeout, 2 * ENGINE_HEARTBEAT_S),
+             "shutdown_timeout_s": ENGINE_STOP_S}
+    return EngineConfig.from_model_dir(model_dir, **{k: v for k, v in given.items() if v is not None})
 
 
 def _check_numbers(args) -> None:
