@@ -72,6 +72,9 @@ class StepPlan:
     work: tuple[SeqWork, ...] = ()
     release: tuple[int, ...] = ()  # seq_ids whose KV cache is freed before this step runs
     shutdown: bool = False         # every rank leaves its loop after this plan
+    # Engine flags, acted on by every rank after the step (collectives on the CPU group; see engine.py):
+    stats: bool = False            # all-gather the live traffic counters (live_stats.py)
+    save_trace_to: str | None = None   # every rank calls recorder.save(coll, path); rank 0 writes the file
 
     def __post_init__(self) -> None:
         ids = [w.seq_id for w in self.work]

@@ -73,6 +73,7 @@ class Runner:
         self._trailing_group = len(config.moe_layer_ids) if len(self.groups) > len(config.moe_layer_ids) else None
         self.coherence = KVCoherence(coll, kv.cache, self.groups) if dispatcher.replicated_kv else None
         self._prev_rank: dict[int, int] = {}   # seq_id -> rank where its last decode token was sampled
+        self.live_stats = None   # epserve.engine.live_stats.LiveStats, attached by the engine
 
     # ---- queries for the scheduler --------------------------------------------------------------------
     @property
@@ -165,6 +166,8 @@ class Runner:
                                                                torch.as_tensor(batch.pos_T)[t_N], dev)
         if self.recorder is not None:
             self.recorder.record(m, held.token_N, topk_ids_NK, topk_w_NK)
+        if self.live_stats is not None:
+            self.live_stats.record(m, topk_ids_NK)
         is_prefill_N = torch.as_tensor(batch.is_prefill_T)[held.token_N].to(dev)
         side = (len(held.token_N),) if self.coherence is not None else ()
         work, handle = self.dispatcher.dispatch(held.x_ND, held.token_N.to(dev), topk_ids_NK, topk_w_NK,

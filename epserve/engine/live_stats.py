@@ -1,0 +1,84 @@
+"""LiveStats: live traffic per MoE layer, counted on every rank, summed over the group on demand.
+
+    Runner._moe (every rank, every MoE layer, on the tokens routed here):
+        expert_load_LE[m] += bincount(topk ids)       local_L[m] += #(expert's rank == this rank)
+        (device tensors, no host sync on the hot path)
+    a plan with ``stats=True`` (every rank, after the step; collective on the CPU group):
+        vector_X = [per layer: a2a calls, a2a payload bytes, transfers (CommCounters) | local | load_E]
+        --all_gather_into_tensor--> [G, X] --sum over ranks (calls: the same on every rank)--> LayerTraffic[L]
+
+Legend: L MoE layers, E experts, G ranks, N tokens routed here, K top-k, X = L * (4 + E).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from comm.counters import CollKind, CommCounters
+from comm.topology import EPTopology
+from epserve.engine.api import LayerTraffic
+
+_COUNTER_COLS = 4   # calls, payload bytes, transfers, local activations
+
+
+@dataclass(frozen=True)
+class GroupTraffic:
+    layers: tuple[LayerTraffic, ...]
+    gpu_load: tuple[tuple[int, ...], ...]     # [moe layer][gpu] activations
+
+
+class LiveStats:
+    def __init__(self, *, topology: EPTopology, expert_to_rank_LE: torch.Tensor) -> None:
+        self.topology = topology
+        self.expert_to_rank_LE = expert_to_rank_LE.to(device=topology.device, dtype=torch.long)
+        L, E = self.expert_to_rank_LE.shape
+        self.num_layers, self.num_experts = L, E
+        self.expert_load_LE = torch.zeros(L, E, dtype=torch.int64, device=topology.device)
+        self.local_L = torch.zeros(L, dtype=torch.int64, device=topology.device)
+
+    def record(self, moe_layer: int, topk_ids_NK: torch.Tensor) -> None:
+        """The router's choices for the tokens held on this rank at one MoE layer (no host sync)."""
+        ids = topk_ids_NK.reshape(-1).long()
+        self.expert_load_LE[moe_layer] += torch.bincount(ids, minlength=self.num_experts)
+        self.local_L[moe_layer] += (self.expert_to_rank_LE[moe_layer][ids] == self.topology.rank).sum()
+
+    def vector_X(self, counters: CommCounters) -> torch.Tensor:
+        """This rank's counts as one int64 CPU vector of fixed size (host sync: off the hot path)."""
+        rows = []
+        local_L = self.local_L.cpu().tolist()
+        for m in range(self.num_layers):
+            a2a = counters.total(CollKind.ALL_TO_ALL, layer=m)
+            rows.append(torch.tensor([a2a.calls, a2a.payload_bytes, a2a.rows, local_L[m]], dtype=torch.int64))
+        head = torch.stack(rows) if rows else torch.zeros(0, _COUNTER_COLS, dtype=torch.int64)
+        return torch.cat([head, self.expert_load_LE.cpu()], dim=1).reshape(-1)
+
+    def gather(self, counters: CommCounters) -> GroupTraffic:
+        """Collective over the CPU group: every rank calls it; every rank gets the group's totals."""
+        vec_X = self.vector_X(counters)
+        G = self.topology.world_size
+        if G > 1:
+            out_GX = torch.empty(G * vec_X.numel(), dtype=torch.int64)
+            dist.all_gather_into_tensor(out_GX, vec_X, group=self.topology.cpu_group)
+            vec_GX = out_GX.view(G, -1)
+        else:
+            vec_GX = vec_X[None]
+        return self._totals(vec_GX.view(G, self.num_layers, _COUNTER_COLS + self.num_experts))
+
+    def _totals(self, all_GLC: torch.Tensor) -> GroupTraffic:
+        calls_GL = all_GLC[:, :, 0]
+        if not bool((calls_GL == calls_GL[0]).all()):
+            raise RuntimeError(f"live stats: ranks disagree on all-to-all calls per layer: {calls_GL.tolist()}")
+        sum_LC = all_GLC.sum(0)
+        load_LE = sum_LC[:, _COUNTER_COLS:]
+        layers = tuple(LayerTraffic(moe_layer=m, a2a_calls=int(calls_GL[0, m]), a2a_bytes=int(sum_LC[m, 1]),
+                                    transfers=int(sum_LC[m, 2]), activations=int(load_LE[m].sum()),
+                                    local_activations=int(sum_LC[m, 3]),
+                                    expert_load=tuple(load_LE[m].tolist()))
+                       for m in range(self.num_layers))
+        rank_LE = self.expert_to_rank_LE.cpu()
+        gpu_LG = torch.zeros(self.num_layers, self.topology.world_size, dtype=torch.int64)
+        gpu_LG.scatter_add_(1, rank_LE, load_LE)
+        return GroupTraffic(layers, tuple(tuple(row) for row in gpu_LG.tolist()))

@@ -1,0 +1,106 @@
+"""Request state (engine thread) and the stream the server reads (event-loop thread).
+
+    submit(GenerationRequest) --> RequestState (scheduler, engine thread only): waiting -> running -> finished
+                              --> Stream (RequestStream): engine thread --call_soon_threadsafe--> asyncio.Queue
+                                  --> ``async for delta in stream`` on the server's loop, until a finish_reason
+
+A Stream ends after exactly one Delta with a finish_reason; events that arrive after it are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from epserve.engine.api import Delta, FinishReason, GenerationRequest
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestState:
+    """One request inside the scheduler. ``fed`` counts prompt tokens already in the KV cache."""
+
+    request: GenerationRequest
+    seq_id: int
+    phase: Phase = Phase.WAITING
+    home_rank: int = -1
+    kv_blocks: int = 0               # blocks reserved for its whole life (prompt + max_tokens - 1 positions)
+    fed: int = 0
+    out: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.fed < self.prompt_len
+
+    @property
+    def kv_length(self) -> int:
+        """Positions whose K/V the cache holds (the last sampled token is not fed yet)."""
+        return self.fed + max(0, len(self.out) - 1)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset(self.request.extra_stop_token_ids)
+
+
+class Stream:
+    """RequestStream for one request: an async iterator of Deltas fed from the engine thread."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 on_cancel: Callable[[str], None]) -> None:
+        self.request_id = request.request_id
+        self.num_prompt_tokens = len(request.prompt_ids)
+        self._loop = loop
+        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._on_cancel = on_cancel
+        self._closed = False      # a final delta was queued (event-loop thread only)
+        self._cancelled = False
+
+    # ---- engine thread -------------------------------------------------------------------------------------
+    def push_threadsafe(self, delta: Delta) -> None:
+        """Hand one delta to the stream's loop (a closed loop means nobody listens any more: dropped)."""
+        try:
+            self._loop.call_soon_threadsafe(self._push, delta)
+        except RuntimeError:   # the loop is closed
+            pass
+
+    # ---- event-loop thread ---------------------------------------------------------------------------------
+    def _push(self, delta: Delta) -> None:
+        if self._closed:
+            return
+        self._closed = delta.finish_reason is not None
+        self._queue.put_nowait(delta)
+
+    def cancel(self) -> None:
+        if not self._cancelled and not self._closed:
+            self._cancelled = True
+            self._on_cancel(self.request_id)
+
+    @property
+    def finished(self) -> bool:
+        return self._closed
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delta]:
+        while True:
+            delta = await self._queue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
