@@ -1,0 +1,370 @@
+"""create_app: the OpenAI-compatible FastAPI app over an EngineClient (rank 0).
+
+    HTTP body (size-limited) --auth--> parse + validate (protocol.py) --> prompt ids (text.py), limits checked
+      --> engine.submit() once per prompt (a batch is submitted together) --> TextStream per prompt
+      --> merge --> one JSON response, or SSE chunks (streaming.py)
+    client gone --> every engine request of the HTTP request is cancelled (KV freed at the next step)
+
+Also /v1/models, /health, /metrics (the app's own Prometheus registry) and /placement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from epserve.engine.api import EngineClient, EngineUnavailableError, GenerationRequest, QueueFullError
+from epserve.engine.plan import SamplingParams
+from epserve.model.config import ModelConfig
+from epserve.server import errors, protocol
+from epserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from epserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from epserve.server.streaming import SSE_DONE, TextEvent, TextStream, merge, sse
+from epserve.server.text import ChatTemplateError, Tokenizer
+
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/placement")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How the app serves. ``model_dir`` holds tokenizer.json, tokenizer_config.json and config.json."""
+
+    model_dir: str | Path
+    served_model_names: tuple[str, ...] = ()   # empty: the engine's model_name
+    api_key: str | None = None                 # None: no authentication
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 16               # when a request gives no max_tokens (capped by the context)
+    default_temperature: float = 1.0           # OpenAI's default
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if not 0.0 <= self.default_temperature <= 2.0:
+            raise ValueError(f"default_temperature must be in [0, 2], got {self.default_temperature}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (None disables authentication)")
+        if any(not n for n in self.served_model_names):
+            raise ValueError("served_model_names must not hold an empty name")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One HTTP generation request after validation: one prompt-id list per choice."""
+
+    rid: str
+    model: str
+    created: int
+    arrived: float
+    prompts: tuple[tuple[int, ...], ...]
+    max_tokens: tuple[int, ...]
+    sampling: SamplingParams
+    stops: tuple[str, ...]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+
+
+class _Server:
+    """The app's state and handlers; everything runs on the event loop."""
+
+    def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
+        self.engine, self.config = engine, config
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        self.top_k = ModelConfig.from_dir(config.model_dir).top_k
+        self.names = config.served_model_names or (engine.model_name,)
+        self.metrics = ServerMetrics(engine)
+        self.started = int(time.time())
+
+    # ------------------------------------------------------------ request intake
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise errors.body_too_large(limit)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise errors.body_too_large(limit)
+        return bytes(body)
+
+    def check_auth(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.config.api_key):
+            raise errors.unauthorized()
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise errors.model_not_found(name, self.names)
+
+    def completion_prompts(self, req: CompletionRequest) -> list[tuple[int, ...]]:
+        out = []
+        vocab = self.tokenizer.vocab_size
+        for i, p in enumerate(protocol.prompt_list(req.prompt)):
+            param = "prompt" if isinstance(req.prompt, str) or all(isinstance(x, int) for x in req.prompt) \
+                else f"prompt[{i}]"
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p)
+            else:
+                bad = [t for t in p if not 0 <= t < vocab]
+                if bad:
+                    raise errors.bad_request(f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                                             param, "invalid_token_id")
+                ids = p
+            out.append(self.check_prompt_len(ids, param))
+        return out
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[int, ...]:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = self.tokenizer.encode_chat(messages)
+        except ChatTemplateError as exc:
+            raise errors.bad_request(str(exc), "messages", "invalid_messages") from None
+        return self.check_prompt_len(ids, "messages")
+
+    def check_prompt_len(self, ids, param: str) -> tuple[int, ...]:
+        ctx = self.engine.max_model_len
+        if not ids:
+            raise errors.bad_request(f"{param} encodes to no tokens", param, "empty_prompt")
+        if len(ids) >= ctx:
+            raise errors.bad_request(f"{param} is {len(ids)} tokens; the model's context is {ctx} tokens, which "
+                                     "leaves no room to generate", param, "context_length_exceeded")
+        return tuple(ids)
+
+    def max_tokens_for(self, asked: int | None, prompt: tuple[int, ...], param: str) -> int:
+        room = self.engine.max_model_len - len(prompt)
+        if asked is None:
+            return min(self.config.default_max_tokens, room)
+        if asked > room:
+            raise errors.bad_request(f"{param}={asked} is too large: the prompt is {len(prompt)} tokens and the "
+                                     f"context {self.engine.max_model_len}, so at most {room} can be generated",
+                                     param, "context_length_exceeded")
+        return asked
+
+    def make_job(self, req, prompts: list[tuple[int, ...]], *, chat: bool) -> _Job:
+        asked, param = req.max_tokens, "max_tokens"
+        if chat and req.max_completion_tokens is not None:
+            asked, param = req.max_completion_tokens, "max_completion_tokens"
+        temperature = self.config.default_temperature if req.temperature is None else req.temperature
+        sampling = SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                                  top_k=req.top_k or 0,
+                                  seed=secrets.randbits(63) if req.seed is None else req.seed)
+        return _Job(rid=protocol.new_id("chatcmpl" if chat else "cmpl"), model=req.model, created=protocol.now(),
+                    arrived=time.monotonic(), prompts=tuple(prompts),
+                    max_tokens=tuple(self.max_tokens_for(asked, p, param) for p in prompts), sampling=sampling,
+                    stops=req.stop_strings(), ignore_eos=req.ignore_eos, stream=req.stream,
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+    def submit(self, job: _Job) -> list[TextStream]:
+        """Every prompt of the job submitted, or none (what was submitted is cancelled) and an APIError."""
+        streams: list[TextStream] = []
+        try:
+            for i, (ids, max_tokens) in enumerate(zip(job.prompts, job.max_tokens)):
+                request = GenerationRequest(request_id=f"{job.rid}-{i}", prompt_ids=ids, max_tokens=max_tokens,
+                                            sampling=job.sampling, ignore_eos=job.ignore_eos)
+                streams.append(TextStream(i, self.engine.submit(request), self.tokenizer, job.stops,
+                                          arrived=job.arrived, on_tokens=self.metrics.generation_tokens.inc,
+                                          on_finish=self.metrics.observe_finish))
+                self.metrics.prompt_tokens.inc(len(ids))
+        except QueueFullError as exc:
+            self._cancel(streams)
+            raise errors.queue_full(str(exc), exc.retry_after_s) from None
+        except EngineUnavailableError as exc:
+            self._cancel(streams)
+            raise errors.engine_unavailable(str(exc)) from None
+        except ValueError as exc:
+            self._cancel(streams)
+            msg = str(exc)
+            param = "prompt" if "prompt" in msg else "max_tokens" if "max_tokens" in msg else None
+            raise errors.bad_request(msg, param) from None
+        return streams
+
+    @staticmethod
+    def _cancel(streams: list[TextStream]) -> None:
+        for s in streams:
+            s.stream.cancel()
+
+    # ------------------------------------------------------------ answering
+
+    async def answer(self, request: Request, job: _Job, *, chat: bool) -> Response:
+        streams = self.submit(job)
+        if job.stream:
+            return StreamingResponse(self.sse_body(job, streams, chat=chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts, finish = await self.collect(request, streams)
+        use = protocol.usage(sum(s.num_prompt_tokens for s in streams), sum(s.num_tokens for s in streams))
+        if chat:
+            choices = [protocol.chat_choice(i, texts[i], finish[i]) for i in range(len(streams))]
+            return JSONResponse(protocol.chat_response(job.rid, job.model, job.created, choices, use))
+        choices = [protocol.completion_choice(i, texts[i], finish[i]) for i in range(len(streams))]
+        return JSONResponse(protocol.completion_response(job.rid, job.model, job.created, choices, use))
+
+    async def collect(self, request: Request, streams: list[TextStream]) -> tuple[list[str], list[str]]:
+        """All text of every prompt. A client that goes away cancels them all (answered 499, to no one)."""
+        texts, finish = [""] * len(streams), [""] * len(streams)
+        gone = asyncio.Event()
+
+        def client_gone() -> None:
+            gone.set()
+            self._cancel(streams)
+
+        watcher = asyncio.create_task(_on_disconnect(request, client_gone))
+        try:
+            async for event in merge(streams):
+                texts[event.index] += event.text
+                if event.finish_reason == "error":
+                    raise errors.client_closed() if gone.is_set() else self.engine_error(event)
+                if event.finish_reason is not None:
+                    finish[event.index] = event.finish_reason
+        finally:
+            watcher.cancel()
+        return texts, finish
+
+    def engine_error(self, event: TextEvent) -> errors.APIError:
+        health = self.engine.health()
+        if not health.ok:
+            return errors.engine_unavailable(f"{event.error} ({health.reason})")
+        return errors.engine_failed(event.error or "unknown error")
+
+    async def sse_body(self, job: _Job, streams: list[TextStream], *, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if job.include_usage else {}
+
+        def one(index: int, text: str, finish: str | None) -> bytes:
+            choice = (protocol.chat_chunk_choice(index, {"content": text} if text else {}, finish) if chat
+                      else protocol.completion_choice(index, text, finish))
+            return sse(protocol.chunk(job.rid, obj, job.model, job.created, [choice]) | extra)
+
+        if chat:
+            for i in range(len(streams)):
+                yield sse(protocol.chunk(job.rid, obj, job.model, job.created,
+                                         [protocol.chat_chunk_choice(i, {"role": "assistant", "content": ""},
+                                                                     None)]) | extra)
+        async for event in merge(streams):
+            if event.finish_reason == "error":
+                yield sse(self.engine_error(event).body())
+                yield SSE_DONE
+                return
+            if event.text or event.finish_reason is not None:
+                yield one(event.index, event.text, event.finish_reason)
+        if job.include_usage:
+            use = protocol.usage(sum(s.num_prompt_tokens for s in streams), sum(s.num_tokens for s in streams))
+            yield sse(protocol.chunk(job.rid, obj, job.model, job.created, [], use))
+        yield SSE_DONE
+
+    # ------------------------------------------------------------ endpoints
+
+    async def completions(self, request: Request) -> Response:
+        self.check_auth(request)
+        req = protocol.parse_body(await self.read_body(request), CompletionRequest)
+        self.check_model(req.model)
+        job = self.make_job(req, self.completion_prompts(req), chat=False)
+        return await self.answer(request, job, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        self.check_auth(request)
+        req = protocol.parse_body(await self.read_body(request), ChatCompletionRequest)
+        self.check_model(req.model)
+        job = self.make_job(req, [self.chat_prompt(req)], chat=True)
+        return await self.answer(request, job, chat=True)
+
+    async def models(self, request: Request) -> Response:
+        self.check_auth(request)
+        return JSONResponse(protocol.models_list(self.names, self.started, self.engine.max_model_len))
+
+    async def health(self, request: Request) -> Response:
+        h = self.engine.health()
+        if h.ok:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": h.reason}, status_code=503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def placement(self, request: Request) -> Response:
+        snap = self.engine.snapshot()
+        layers = []
+        for t in snap.layers:
+            tokens = t.activations / self.top_k if self.top_k else 0
+            layers.append({"moe_layer": t.moe_layer, "lar": t.lar, "imbalance": t.imbalance,
+                           "transfers_per_token_layer": t.transfers / tokens if tokens else 0.0,
+                           "a2a_calls": t.a2a_calls, "a2a_bytes": t.a2a_bytes, "transfers": t.transfers,
+                           "activations": t.activations, "local_activations": t.local_activations,
+                           "expert_load": list(t.expert_load)})
+        return JSONResponse({"strategy": snap.strategy, "world_size": snap.world_size,
+                             "placement": self.engine.placement_document(), "layers": layers,
+                             "gpu_load": [list(row) for row in snap.gpu_load]})
+
+
+async def _on_disconnect(request: Request, callback) -> None:
+    """Call ``callback`` when the client goes away (the body is already read: the next message is a
+    disconnect, which the server also sends once the response is complete; the caller cancels us first)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            callback()
+            return
+
+
+class _RequestCounter:
+    """Pure ASGI middleware counting responses by endpoint and status (BaseHTTPMiddleware would break
+    disconnect detection and streaming)."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.observe_request(path if path in _ENDPOINTS else "other", status["code"])
+
+
+def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    """The app (rank 0). The caller owns the engine: it starts it before and shuts it down after serving."""
+    server = _Server(engine, config)
+    app = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
+    app.add_api_route("/placement", server.placement, methods=["GET"])
+
+    @app.exception_handler(errors.APIError)
+    async def _api_error(request: Request, exc: errors.APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc) -> Response:
+        return errors.APIError(404, f"No route {request.method} {request.url.path}", code="not_found").response()
+
+    @app.exception_handler(405)
+    async def _not_allowed(request: Request, exc) -> Response:
+        return errors.APIError(405, f"Method {request.method} is not allowed on {request.url.path}",
+                               code="method_not_allowed").response()
+
+    app.add_middleware(_RequestCounter, metrics=server.metrics)
+    return app
