@@ -18,6 +18,8 @@ from placement.errors import InputError
 
 from launch.serve_cmd import default_model_dir
 
+KV_BLOCK = 16   # tokens per KV cache block
+
 
 def register(subparsers) -> None:
     trace = subparsers.add_parser("trace", help="record a routing trace of the model generating from prompts",
@@ -97,13 +99,12 @@ def run_trace(args) -> int:
 
 
 def encode_prompts(model_dir: Path, prompts: list[str]) -> list[list[int]]:
-    """Token ids as the server makes them for /v1/completions (the tokenizer's post-processor adds BOS)."""
-    from tokenizers import Tokenizer
-    file = model_dir / "tokenizer.json"
-    if not file.is_file():
+    """Token ids as the server makes them for /v1/completions (its own Tokenizer)."""
+    from epserve.server.text import Tokenizer
+    if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir}: no tokenizer.json")
-    tok = Tokenizer.from_file(str(file))
-    ids = [tok.encode(p).ids for p in prompts]
+    tok = Tokenizer.from_dir(model_dir)
+    ids = [tok.encode(p) for p in prompts]
     empty = [i for i, p in enumerate(ids) if not p]
     if empty:
         raise InputError(f"prompt {empty[0] + 1} encodes to no tokens")
@@ -118,8 +119,9 @@ def _record(model_dir: Path, config, ids: list[list[int]], args):
     from epserve.engine.builder import build_runner
     from epserve.engine.generate import generate
 
+    blocks_per_seq = -(-max(len(p) + args.max_tokens for p in ids) // KV_BLOCK)
     runner = build_runner(model_dir, EPTopology.single(), strategy=Strategy.TWO_A2A,
-                          kv_cache_tokens=max(len(p) + args.max_tokens for p in ids) * args.batch_size,
+                          kv_cache_tokens=blocks_per_seq * KV_BLOCK * args.batch_size, kv_block_size=KV_BLOCK,
                           record_tokens=args.record_tokens)
     generated = 0
     with tqdm(total=len(ids), unit="prompt", desc="trace") as bar:

@@ -4,7 +4,8 @@
          (layers x experts) and the world (nnodes x nproc), strategy has its predictor, limits are sane
          --> InputError: one line, exit status 2
     --> torchrun child (own session): python -m torch.distributed.run ... -m launch.serve <worker args>
-         SIGINT/SIGTERM forwarded to it (a second one kills it; its workers die with it: PDEATHSIG)
+         SIGINT: the workers stop (rank 0 ends the group), SIGTERM: torchrun stops them; each step bounded,
+         then a harder one (SIGKILL last; the workers die with torchrun: PDEATHSIG)
     --> node 0: poll /health until the server answers, print where it listens
     --> exit status of torchrun (0 after a requested stop that ended cleanly)
 
@@ -35,7 +36,7 @@ from placement.placement import Placement, contiguous_placement
 from placement.cluster import ClusterShape
 
 API_KEY_ENV = "EPSERVE_API_KEY"
-STOP_GRACE_S = 40.0        # after a forwarded signal, torchrun gets this long before SIGKILL
+STOP_GRACE_S = 20.0        # each step of a requested stop gets this long before the next, harder one
 WORKER_SHUTDOWN_S = 10     # torchrun: SIGTERM to a worker, then SIGKILL after this long
 ENGINE_STOP_S = 5.0        # rank 0 waits this long for the engine's shutdown plan to go round
 ENGINE_HEARTBEAT_S = 0.5   # the engine's idle plan interval (EngineConfig default)
@@ -227,40 +228,64 @@ def run_serve(args) -> int:
     if args.node_rank == 0:
         threading.Thread(target=_announce, args=(child, args, pre), daemon=True).start()
     code = child.wait()
+    if stop.is_set() and code == 0:
+        print("epserve serve: stopped", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code
 
 
 def _forward_signals(child: subprocess.Popen) -> threading.Event:
-    """SIGINT/SIGTERM go to torchrun (which stops its workers); a second one, or STOP_GRACE_S without an
-    exit, kills it."""
+    """Stop in steps, each one bounded:
+    SIGINT  --> SIGINT to the workers (rank 0 stops the server and sends the shutdown plan; the group ends with
+                status 0); after STOP_GRACE_S, or at a second signal --> SIGTERM to torchrun
+    SIGTERM --> SIGTERM to torchrun (it stops its workers; SIGKILL after WORKER_SHUTDOWN_S)
+    a third signal, or STOP_GRACE_S more --> SIGKILL to torchrun (workers die with it: PDEATHSIG)."""
     stop = threading.Event()
+    steps = [lambda: _signal_workers(child, signal.SIGINT), lambda: _send(child, signal.SIGTERM),
+             lambda: _send(child, signal.SIGKILL)]
+    taken = [0]
 
-    def handler(sig, _frame):
-        if stop.is_set():
-            _kill(child)
-            return
+    def next_step() -> None:
+        if taken[0] < len(steps) and child.poll() is None:
+            taken[0] += 1
+            steps[taken[0] - 1]()
+            timer = threading.Timer(STOP_GRACE_S, next_step)
+            timer.daemon = True
+            timer.start()
+
+    def handler(sig, _frame) -> None:
         stop.set()
-        with _ignore_gone():
-            child.send_signal(sig)
-        threading.Timer(STOP_GRACE_S, _kill, args=(child,)).start()
+        if sig == signal.SIGTERM and taken[0] == 0:
+            taken[0] = 1                     # skip the gentle step
+        next_step()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
 
 
-def _kill(child: subprocess.Popen) -> None:
+def _send(child: subprocess.Popen, sig: int) -> None:
     if child.poll() is None:
-        with _ignore_gone():
-            child.kill()
+        try:
+            child.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
 
-class _ignore_gone:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, ProcessLookupError)
+def _signal_workers(child: subprocess.Popen, sig: int) -> None:
+    """``sig`` to torchrun's children (the workers, each in its own session); torchrun itself if none found."""
+    pids = []
+    for children in Path(f"/proc/{child.pid}/task").glob("*/children"):
+        try:
+            pids += [int(p) for p in children.read_text().split()]
+        except OSError:
+            continue
+    if not pids:
+        _send(child, sig)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _announce(child: subprocess.Popen, args, pre: Preflight) -> None:

@@ -70,7 +70,8 @@ class ServeProcess:
         return [p for p in self._seen.values() if _running(p)]
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     # ---- lifecycle ------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ session, the one-process greedy reference, and started servers that are always t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from comm.spawn import free_port
@@ -12,19 +14,19 @@ from tests.e2e._serve import ServeProcess
 
 DEFAULT = default_model_dir()
 
-PROMPTS = [
-    "The history of the city begins",
-    "Once upon a time there was a",
-    "In mathematics, a prime number is",
-    "The weather today is",
-    "She opened the door and saw",
-    "Water boils at a temperature of",
-    "The best way to learn a language",
-    "Scientists have discovered a new",
-    "The river runs through the old town and",
-    "My favourite food is",
-    "He said that the meeting would",
-    "A long time ago, in a small village,",
+PROMPTS = [   # the default model is trained on Python code
+    "def ",
+    "import os\n",
+    "class Stack:\n    def push(self, x):",
+    "for i in range(10):",
+    "def fibonacci(n):\n",
+    "with open(path) as f:\n",
+    "    return sorted(",
+    "if __name__ == \"__main__\":\n",
+    "x = [i * i for i in",
+    "try:\n    import numpy as np\nexcept",
+    "def __init__(self, name):\n        self.",
+    "print(\"hello",
 ]
 
 
@@ -33,8 +35,8 @@ def pipeline(tmp_path_factory):
     """``{"trace": path, 2: placement.json, 4: placement.json}`` made by the real commands (the placements
     name their predictor files, as `epserve place` writes them)."""
     root = tmp_path_factory.mktemp("pipeline")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
+    prompts = root / "prompts.jsonl"   # JSONL: the prompts hold newlines
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     trace = root / "trace.npz"
     assert main(["trace", "--prompts", str(prompts), "-o", str(trace), "--max-tokens", "32"]) == 0
     out = {"trace": trace}
@@ -48,13 +50,15 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(DEFAULT / "tokenizer.json"))
+    """The server's own tokenizer (ids and text exactly as the server makes them)."""
+    from epserve.server.text import Tokenizer
+    return Tokenizer.from_dir(DEFAULT)
 
 
 @pytest.fixture(scope="session")
 def reference(tokenizer):
-    """``(prompts, max_tokens) -> [new token ids]``: MoEModel.greedy_reference on the ids the server makes."""
+    """``(prompts or id lists, max_tokens) -> [new token ids]``: MoEModel.greedy_reference on the ids the server
+    makes (text is encoded as /v1/completions encodes it)."""
     from epserve.model.config import ModelConfig
     from epserve.model.loader import load_model
 
@@ -62,10 +66,10 @@ def reference(tokenizer):
     eos = ModelConfig.from_dir(DEFAULT).eos_token_ids
     cache: dict = {}
 
-    def run(prompts: list[str], max_tokens: int) -> list[list[int]]:
-        key = (tuple(prompts), max_tokens)
+    def run(prompts: list, max_tokens: int) -> list[list[int]]:
+        key = (tuple(p if isinstance(p, str) else tuple(p) for p in prompts), max_tokens)
         if key not in cache:
-            ids = [tokenizer.encode(p).ids for p in prompts]
+            ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
             cache[key] = model.greedy_reference(ids, max_tokens, eos_token_ids=eos)
         return cache[key]
 

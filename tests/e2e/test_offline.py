@@ -20,7 +20,7 @@ def test_trace_records_every_token_with_its_vocabulary_id(pipeline, tokenizer, r
     assert (trace.num_layers, trace.num_experts, trace.top_k) == (6, 16, 2)
     assert trace.has_token_ids
     ref = reference(PROMPTS, 32)
-    ids = [tokenizer.encode(p).ids for p in PROMPTS]
+    ids = [tokenizer.encode(p) for p in PROMPTS]
     # every fed token once: the prompt, then each generated token but the last
     assert trace.num_tokens == sum(len(p) + len(r) - 1 for p, r in zip(ids, ref))
     for s, (prompt, new) in enumerate(zip(ids, ref)):
