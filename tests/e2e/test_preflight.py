@@ -1,0 +1,58 @@
+"""``epserve serve`` as a command: bad input is refused before torchrun starts (exit status 2, one line)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.e2e._serve import serve_env
+from tests.e2e.conftest import DEFAULT
+
+pytestmark = pytest.mark.e2e
+
+
+def _serve(*argv: str, marker: str) -> subprocess.CompletedProcess:
+    """Run ``epserve serve`` to its end (bounded); no process whose command line holds ``marker`` (a path of
+    this test's) may exist afterwards, so nothing it started outlives it."""
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "serve", *argv], cwd=REPO_ROOT, env=serve_env(),
+                         capture_output=True, text=True, timeout=120)
+    stray = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert stray == []
+    return out
+
+
+def test_mismatched_placements_start_nothing(pipeline):
+    out = _serve("--nproc-per-node", "2", "--placement", str(pipeline[4]), marker=str(pipeline[4]))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"epserve serve: error: {pipeline[4]} is for 4 GPUs, but --nnodes 1 x --nproc-per-node 2 = 2 ranks"]
+    assert "torch.distributed" not in out.stderr and out.stdout == ""
+
+
+def test_placement_for_another_model_starts_nothing(pipeline, tmp_path):
+    doc = json.loads(pipeline[2].read_text())
+    doc["num_layers"], doc["expert_to_gpu"] = 5, doc["expert_to_gpu"][:5]
+    other = tmp_path / "five_layers.json"
+    other.write_text(json.dumps(doc))
+    out = _serve("--nproc-per-node", "2", "--placement", str(other), marker=str(other))
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("epserve serve: error: placement is for 5 MoE layers x 16 experts, but the model "
+                                  "(default_model) has 6 x 16")
+
+
+def test_broken_checkpoint_starts_nothing(tmp_path):
+    bad = tmp_path / "broken_model"
+    shutil.copytree(DEFAULT, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(4096)                     # a download cut short
+    out = _serve("--model", str(bad), "--nproc-per-node", "2", marker=str(bad))
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(f"epserve serve: error: {bad / 'model.safetensors'}: not a readable "
+                                         f"safetensors file")
+    assert len(out.stderr.strip().splitlines()) == 1
