@@ -1,0 +1,83 @@
+"""Two nodes: two network namespaces joined by a veth pair, one ``epserve serve --nnodes 2`` in each (2 ranks
+per node, 4 in all). A request to node 0's server, made inside its namespace, is answered with the one-process
+tokens; stopping node 0 (Ctrl-C) ends both nodes cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from comm.spawn import free_port
+from tests.e2e.conftest import PROMPTS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MAX_TOKENS = 12
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def two_namespaces():
+    """``[(netns, interface, address), (netns, interface, address)]``, removed afterwards whatever happened."""
+    if shutil.which("ip") is None:
+        pytest.skip("two-node test: the `ip` command (iproute2) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("two-node test: making network namespaces needs root")
+    tag = f"{os.getpid() % 100000}"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    nodes = [(f"epn{tag}a", f"epv{tag}a", f"{subnet}.1"), (f"epn{tag}b", f"epv{tag}b", f"{subnet}.2")]
+    made = []
+    try:
+        for ns, _, _ in nodes:
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])
+        for ns, dev, addr in nodes:
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        pytest.skip(f"two-node test: cannot make network namespaces here ({exc})")
+    yield nodes
+    for ns in made:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def test_two_nodes_answer_with_the_one_process_tokens(two_namespaces, serve, tokenizer, reference):
+    (ns0, dev0, addr0), (ns1, dev1, _) = two_namespaces
+    master_port, port = free_port(), free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", addr0, "--master-port", str(master_port),
+              "--strategy", "coherent", "--collective-timeout", "60"]
+    # gloo picks its interface from the hostname by default, which is not reachable inside a namespace
+    node1 = serve([*common, "--node-rank", "1"], netns=ns1, port=port, wait=False,
+                  env={"GLOO_SOCKET_IFNAME": dev1})
+    node0 = serve([*common, "--node-rank", "0"], netns=ns0, port=port, env={"GLOO_SOCKET_IFNAME": dev0})
+    assert sorted(node0.rank_processes()) == [0, 1] and sorted(node1.rank_processes()) == [2, 3]
+
+    body = {"model": "default_model", "prompt": PROMPTS[:4], "max_tokens": MAX_TOKENS, "temperature": 0}
+    script = ("import httpx, json, sys; r = httpx.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=120); "
+              "print(json.dumps({'status': r.status_code, 'body': r.json()}))")
+    out = subprocess.run(["ip", "netns", "exec", ns0, sys.executable, "-c", script,
+                          f"http://127.0.0.1:{port}/v1/completions", json.dumps(body)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["status"] == 200, answer
+    refs = reference(PROMPTS[:4], MAX_TOKENS)
+    assert [c["text"] for c in answer["body"]["choices"]] == [tokenizer.decode(r) for r in refs]
+    assert answer["body"]["usage"]["completion_tokens"] == sum(len(r) for r in refs)
+
+    assert node0.stop(timeout_s=40) == 0, node0.log()[-3000:]
+    assert node1.wait_exit(30) == 0, node1.log()[-3000:]
+    assert node0.wait_all_gone(10) == [] and node1.wait_all_gone(10) == []
