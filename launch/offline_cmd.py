@@ -137,5 +137,128 @@ def _record(model_dir: Path, config, ids: list[list[int]], args):
 
 
 # ---- batch --------------------------------------------------------------------------------------------------
+BATCH_URLS = ("/v1/completions", "/v1/chat/completions")
+
+
 def run_batch(args) -> int:
-    raise InputError("epserve batch is not available yet (it needs the engine and the server)")
+    if args.concurrency < 1:
+        raise InputError(f"--concurrency must be >= 1, got {args.concurrency}")
+    src, out = Path(args.input), Path(args.output)
+    if not src.is_file():
+        raise InputError(f"batch input not found: {src}")
+    if not out.resolve().parent.is_dir():
+        raise InputError(f"output directory does not exist: {out.parent}")
+    if out.resolve() == src.resolve():
+        raise InputError("the output file must not be the input file")
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    from epserve.model.loader import check_checkpoint
+    check_checkpoint(model_dir)
+    try:
+        lines = [line for line in src.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{src}: not UTF-8 text ({exc})") from None
+    if not lines:
+        raise InputError(f"{src}: no requests")
+    parsed = parse_batch_lines(lines)
+    results = _run_batch_requests(model_dir, parsed, args.concurrency)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
+    tmp.replace(out)
+    ok = sum(r["error"] is None and r["response"]["status_code"] == 200 for r in results)
+    print(f"wrote {out}: {len(results)} lines, {ok} answered, {len(results) - ok} errors")
+    return 0
+
+
+def parse_batch_lines(lines: list[str]) -> list[dict]:
+    """Each line -> {"line", "custom_id", "url", "body"} or {"line", "custom_id", "error"} (message)."""
+    seen: set[str] = set()
+    out = []
+    for n, line in enumerate(lines, 1):
+        item, problem = {"line": n, "custom_id": None}, None
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            obj, problem = None, f"line {n}: not valid JSON ({exc})"
+        if obj is not None:
+            if isinstance(obj, dict) and isinstance(obj.get("custom_id"), str):
+                item["custom_id"] = obj["custom_id"]
+            problem = _batch_line_problem(n, obj, seen)
+        if problem is None:
+            seen.add(obj["custom_id"])
+            item.update(url=obj["url"], body=obj["body"])
+        else:
+            item["error"] = problem
+        out.append(item)
+    return out
+
+
+def _batch_line_problem(n: int, obj, seen: set[str]) -> str | None:
+    if not isinstance(obj, dict):
+        return f"line {n}: expected a JSON object"
+    extra = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+    if extra:
+        return f"line {n}: unknown field '{extra[0]}'"
+    if not isinstance(obj.get("custom_id"), str) or not obj["custom_id"]:
+        return f"line {n}: 'custom_id' must be a non-empty string"
+    if obj["custom_id"] in seen:
+        return f"line {n}: custom_id '{obj['custom_id']}' appears on an earlier line"
+    if obj.get("method") != "POST":
+        return f"line {n}: 'method' must be \"POST\", got {obj.get('method')!r}"
+    if obj.get("url") not in BATCH_URLS:
+        return f"line {n}: 'url' must be one of {', '.join(BATCH_URLS)}, got {obj.get('url')!r}"
+    if not isinstance(obj.get("body"), dict):
+        return f"line {n}: 'body' must be a JSON object"
+    if obj["body"].get("stream"):
+        return f"line {n}: 'body.stream' is not supported in a batch"
+    return None
+
+
+def _run_batch_requests(model_dir: Path, parsed: list[dict], concurrency: int) -> list[dict]:
+    """Every well-formed line through the real app (world size 1 engine, in this process)."""
+    import asyncio
+
+    import httpx
+    from tqdm import tqdm
+
+    from comm.strategy import Strategy
+    from comm.topology import EPTopology
+    from epserve.engine.builder import build_runner
+    from epserve.engine.engine import EngineConfig, start_engine
+    from epserve.server.app import ServerConfig, create_app
+
+    runner = build_runner(model_dir, EPTopology.single(), strategy=Strategy.TWO_A2A)
+    engine = start_engine(runner, EngineConfig.from_model_dir(model_dir))
+    app = create_app(engine, ServerConfig(model_dir=model_dir))
+
+    async def main() -> list[dict]:
+        gate = asyncio.Semaphore(concurrency)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://epserve-batch", timeout=None) as client:
+            with tqdm(total=len(parsed), unit="request", desc="batch") as bar:
+                async def one(item: dict) -> dict:
+                    async with gate:
+                        result = await _batch_one(client, item)
+                    bar.update(1)
+                    return result
+
+                return await asyncio.gather(*(one(item) for item in parsed))
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+async def _batch_one(client, item: dict) -> dict:
+    rid = f"batch_req_{item['line']}"
+    if "error" in item:
+        return {"id": rid, "custom_id": item["custom_id"], "response": None,
+                "error": {"code": "invalid_request", "message": item["error"]}}
+    r = await client.post(item["url"], json=item["body"])
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"error": {"message": r.text, "type": "server_error", "param": None, "code": None}}
+    request_id = body.get("id") if isinstance(body, dict) and "id" in body else f"req_{item['line']}"
+    return {"id": rid, "custom_id": item["custom_id"],
+            "response": {"status_code": r.status_code, "request_id": request_id, "body": body}, "error": None}
