@@ -30,7 +30,7 @@ from comm.topology import EPTopology, init_ep_topology
 from epserve.engine.builder import build_runner
 from placement.placement import Placement
 
-from launch.serve_cmd import API_KEY_ENV, ENGINE_STOP_S, add_model_arguments, engine_config
+from launch.serve_cmd import API_KEY_ENV, add_model_arguments, engine_config
 
 FATAL_GRACE_S = 1.5      # /health answers 503 this long after the engine failed, then the server stops
 EXIT_DEADLINE_S = 15.0   # from the start of a stop to a forced exit
@@ -106,12 +106,10 @@ def serve_rank0(args, runner, watchdog: Watchdog) -> int:
     from epserve.engine.engine import start_engine
     from epserve.server.app import create_app
 
-    stop_signal = threading.Event()
     fatal = threading.Event()
     server_box: list[uvicorn.Server] = []
 
     def on_signal(sig, _frame) -> None:   # also what uvicorn re-raises after its own handling
-        stop_signal.set()
         watchdog.arm(0)
         if server_box:
             server_box[0].should_exit = True

@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -127,7 +128,9 @@ def preflight(args) -> Preflight:
     try:
         engine_config(args, model_dir)
     except ValueError as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(_flag_names(str(exc))) from None
+    if args.node_rank == 0:
+        _check_port_free(args.host, args.port)
     return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
                      predictor_path=predictor_path, world_size=world)
 
@@ -145,16 +148,42 @@ def engine_config(args, model_dir: Path):
     return EngineConfig.from_model_dir(model_dir, **{k: v for k, v in given.items() if v is not None})
 
 
+_ENGINE_FIELDS = {"engine max_running_seqs": "--max-running", "max_running_seqs": "--max-running",
+                  "engine max_batched_tokens": "--max-batched-tokens", "max_batched_tokens": "--max-batched-tokens",
+                  "engine max_waiting": "--max-waiting", "engine max_model_len": "--max-model-len",
+                  "engine model_name": "--served-model-name"}
+
+
+def _flag_names(message: str) -> str:
+    """An EngineConfig message in the words of the command line."""
+    for field, flag in _ENGINE_FIELDS.items():
+        message = message.replace(field, flag)
+    return message
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """The server (rank 0, on this node) must be able to listen on host:port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InputError(f"--host {host}: cannot resolve it ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+
+
 def _check_numbers(args) -> None:
     positive = {"--nproc-per-node": args.nproc_per_node, "--nnodes": args.nnodes,
                 "--kv-cache-tokens": args.kv_cache_tokens, "--record-tokens": args.record_tokens,
                 "--max-running": args.max_running, "--max-batched-tokens": args.max_batched_tokens,
-                "--max-model-len": args.max_model_len}
+                "--max-waiting": args.max_waiting, "--max-model-len": args.max_model_len}
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
-    if args.max_waiting is not None and args.max_waiting < 0:
-        raise InputError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if not 0 <= args.node_rank < args.nnodes:
         raise InputError(f"--node-rank {args.node_rank} is not in [0, --nnodes {args.nnodes})")
     if args.nnodes > 1 and args.master_port is None:

@@ -10,7 +10,7 @@ import pytest
 from launch.cli import main
 from placement import Placement
 from placement.trace import RoutingTrace
-from tests.e2e.conftest import DEFAULT, PROMPTS
+from tests.e2e.conftest import PROMPTS
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,7 @@
 """The real ``epserve serve`` under torchrun (gloo, 2 and 4 ranks, every strategy): what it answers equals the
 one-process greedy reference token for token; streaming, concurrent clients and the openai client agree; bad
-requests get 4xx and the server keeps serving; Ctrl-C stops every process with status 0.
+requests get 4xx and the server keeps serving; an API key from EPSERVE_API_KEY is enforced; Ctrl-C stops every
+process with status 0.
 
 One server start per configuration (each costs seconds on 2 cores): all the checks of a configuration run
 against the same server."""
@@ -20,6 +21,7 @@ from tests.e2e.conftest import PROMPTS
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MAX_TOKENS = 16
+API_KEY = "e2e-secret-key"
 EOS = (1, 5)
 CHAT = [{"role": "user", "content": "sort a list"}]
 
@@ -43,14 +45,19 @@ def test_serves_the_one_process_tokens(ranks, strategy, solved, pipeline, serve,
     argv = ["--nproc-per-node", str(ranks), "--strategy", strategy, "--collective-timeout", "60"]
     if solved:
         argv += ["--placement", str(pipeline[ranks])]
-    server = serve(argv)
+    key = API_KEY if (ranks, strategy) == (2, "coherent") else None   # from the environment, as documented
+    server = serve(argv, env={"EPSERVE_API_KEY": key} if key else None)
     assert sorted(server.rank_processes()) == list(range(ranks))
     refs = reference(PROMPTS, MAX_TOKENS)
-    with httpx.Client(base_url=server.url, timeout=120) as c:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if key:
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "default_model", "prompt": "x"}, timeout=30)
+        assert r.status_code == 401
+    with httpx.Client(base_url=server.url, timeout=120, headers=headers) as c:
         _batch_equals_reference(c, tokenizer, refs)
         _stream_equals_reference(c, tokenizer, refs)
-        _concurrent_clients(server.url, tokenizer, refs)
-        _openai_client(server.url, tokenizer, reference)
+        _concurrent_clients(server.url, tokenizer, refs, headers)
+        _openai_client(server.url, tokenizer, reference, key or "unused")
         _placement_endpoint(c, ranks, strategy, Placement.load(pipeline[ranks]) if solved else None)
         if (ranks, strategy) == (2, "two_a2a"):
             _bad_requests_then_still_serving(c, tokenizer, refs)
@@ -86,11 +93,11 @@ def _stream_equals_reference(c: httpx.Client, tok, refs) -> None:
     assert texts == [tok.decode(ref) for ref in refs[:3]]
 
 
-def _concurrent_clients(url: str, tok, refs) -> None:
+def _concurrent_clients(url: str, tok, refs, headers: dict) -> None:
     """Six clients at once, one prompt each, some streaming: every one answered with its reference text."""
     def one(i: int) -> str:
         body = {"model": "default_model", "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, "temperature": 0}
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
             if i % 2:
                 with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
                     return "".join(ev["choices"][0]["text"] for ev in _sse(r)[:-1])
@@ -101,10 +108,10 @@ def _concurrent_clients(url: str, tok, refs) -> None:
     assert texts == [tok.decode(ref) for ref in refs[:6]]
 
 
-def _openai_client(url: str, tok, reference) -> None:
+def _openai_client(url: str, tok, reference, api_key: str) -> None:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    client = OpenAI(base_url=f"{url}/v1", api_key=api_key, timeout=120, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["default_model"]
     done = client.completions.create(model="default_model", prompt=PROMPTS[4], max_tokens=MAX_TOKENS, temperature=0)
     assert done.choices[0].text == tok.decode(reference([PROMPTS[4]], MAX_TOKENS)[0])

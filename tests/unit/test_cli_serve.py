@@ -88,6 +88,8 @@ def test_experts_must_split_evenly_over_the_ranks(capsys):
     (["--kv-cache-tokens", "0"], "--kv-cache-tokens must be >= 1, got 0"),
     (["--max-model-len", "513"], "--max-model-len 513 exceeds the model's context (512 positions)"),
     (["--record-trace", "/no/such/dir/t.npz"], "--record-trace: directory does not exist: /no/such/dir"),
+    (["--max-waiting", "0"], "--max-waiting must be >= 1, got 0"),
+    (["--max-running", "64", "--max-batched-tokens", "32"], "--max-running (64) must be <= --max-batched-tokens (32)"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     assert message in _refused(capsys, *argv)
@@ -153,3 +155,17 @@ def test_speculative_takes_the_predictor_the_placement_names(tmp_path):
     assert worker.predictor == str(tmp_path / "p.predictor.npz") and worker.strategy == "speculative"
     # the two_a2a strategy does not take it
     assert serve_cmd.preflight(_args("--nproc-per-node", "2", "--placement", str(path))).predictor_path is None
+
+
+def test_a_taken_port_is_refused_before_anything_starts(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _refused(capsys, "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+    # another node's launcher does not serve: the port is not its business
+    assert serve_cmd.preflight(_args("--port", str(port), "--nnodes", "2", "--node-rank", "1",
+                                     "--master-port", "29500", "--nproc-per-node", "2")).world_size == 4
