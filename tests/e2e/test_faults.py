@@ -1,9 +1,12 @@
 """A rank dies (kill -9) while requests are in flight: every request ends (an error or a closed connection)
-within a bound, /health stops saying ok, and every process of the group is gone within 30 s."""
+within a bound, /health stops saying ok, and every process of the group is gone within 30 s. SIGTERM to the
+launcher stops the group within the same bounds."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -97,3 +100,19 @@ def test_killing_a_rank_ends_every_request_and_the_group(pipeline, serve):
     assert server.proc.returncode != 0
     log = server.log()
     assert "engine failed" in log or "rank" in log
+
+
+def test_sigterm_stops_the_group_promptly(serve):
+    """SIGTERM to `epserve serve` (how a supervisor stops it): torchrun stops the ranks; a request in flight ends
+    and every process is gone within the bound."""
+    server = serve(["--nproc-per-node", "2", "--strategy", "two_a2a"])
+    request = InFlight(server.url, PROMPTS[1], stream=True)
+    request.start()
+    assert request.started.wait(60)
+    os.kill(server.proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    request.join(REQUEST_BOUND_S)
+    assert not request.is_alive() and request.outcome.startswith(("error", "closed")), request.outcome
+    left = server.wait_all_gone(max(0.0, sent + GROUP_BOUND_S - time.monotonic()))
+    assert not left, server.log()[-3000:]
+    assert time.monotonic() - sent < GROUP_BOUND_S
