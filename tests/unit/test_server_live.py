@@ -366,7 +366,9 @@ def test_placement_document_and_live_traffic(live):
 
 # ---------------------------------------------------------------- disconnects cancel
 
-LONG_BODY = {"model": "default_model", "prompt": "def ", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+# Long enough (4 x 490 tokens, at least 490 engine steps) that the engine is still at it when the test acts.
+LONG_BODY = {"model": "default_model", "prompt": PROMPTS, "max_tokens": 490, "temperature": 0, "ignore_eos": True}
+LONG_TOKENS = 4 * 490
 
 
 def idle(engine) -> bool:
@@ -379,10 +381,10 @@ def test_stream_disconnect_cancels_and_frees_kv(live, engine):
     before = engine.snapshot().generation_tokens
     with live.client() as c:
         with c.stream("POST", "/v1/completions", json={**LONG_BODY, "stream": True}) as r:
-            chunks = [json.loads(line[6:]) for line, _ in zip((x for x in r.iter_lines() if x), range(3))]
-    assert [ch["choices"][0]["finish_reason"] for ch in chunks] == [None] * 3   # still running when we left
-    wait_for(lambda: idle(engine), "the cancelled request's KV to be freed")
-    assert engine.snapshot().generation_tokens - before < 500
+            first = json.loads(next(x for x in r.iter_lines() if x)[len("data: "):])
+            assert first["choices"][0]["finish_reason"] is None
+    wait_for(lambda: idle(engine), "the cancelled requests' KV to be freed")
+    assert engine.snapshot().generation_tokens - before < LONG_TOKENS
 
 
 def test_non_stream_disconnect_cancels_and_frees_kv(live, engine):
@@ -393,6 +395,6 @@ def test_non_stream_disconnect_cancels_and_frees_kv(live, engine):
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        wait_for(lambda: engine.snapshot().running == 1, "the request to run")
-    wait_for(lambda: idle(engine), "the cancelled request's KV to be freed")
-    assert engine.snapshot().generation_tokens - before < 500
+        wait_for(lambda: engine.snapshot().generation_tokens > before, "the requests to generate")
+    wait_for(lambda: idle(engine), "the cancelled requests' KV to be freed")
+    assert engine.snapshot().generation_tokens - before < LONG_TOKENS
