@@ -119,6 +119,26 @@ def test_queue_full_is_503_with_retry_after_then_serves_again():
         eng.shutdown()
 
 
+def test_request_larger_than_the_kv_cache_is_400_naming_the_field():
+    eng = make_engine(kv_cache_tokens=128)
+    srv = LiveServer(eng, ServerConfig(model_dir=MODEL_DIR))
+    try:
+        with srv.client() as c:
+            r = c.post("/v1/completions", json={"model": "default_model", "prompt": "x", "max_tokens": 300})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+            assert "KV cache of a rank (128 tokens" in r.json()["error"]["message"]
+            r = c.post("/v1/chat/completions", json={"model": "default_model", "messages": CHAT,
+                                                     "max_completion_tokens": 300})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+            r = c.post("/v1/completions", json={"model": "default_model", "prompt": [[5] * 200]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+            assert c.post("/v1/completions", json={"model": "default_model", "prompt": "x",
+                                                   "max_tokens": 100}).status_code == 200
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
 def test_engine_going_down_ends_streams_with_an_error_and_503s(fresh_engine):
     srv = LiveServer(fresh_engine, ServerConfig(model_dir=MODEL_DIR))
     try:

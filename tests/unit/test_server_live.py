@@ -60,8 +60,8 @@ def wait_for(cond, what: str, timeout_s: float = 30.0):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def make_engine(**overrides):
-    runner = build_runner(MODEL_DIR, EPTopology.single(), strategy=Strategy.TWO_A2A, kv_cache_tokens=4096)
+def make_engine(*, kv_cache_tokens: int = 4096, **overrides):
+    runner = build_runner(MODEL_DIR, EPTopology.single(), strategy=Strategy.TWO_A2A, kv_cache_tokens=kv_cache_tokens)
     return start_engine(runner, EngineConfig.from_model_dir(MODEL_DIR, stats_min_interval_s=0.0, **overrides))
 
 
