@@ -166,3 +166,30 @@ async def _serve_until_death(runner, case: EngineCase) -> dict:
         refused = type(exc).__name__
     engine.shutdown()
     return {"deltas": deltas, "ended_s": ended_s, "health": engine.health(), "fatal": fatal, "refused": refused}
+
+
+# ---- an idle engine keeps its followers inside the collective timeout -----------------------------------------
+
+def run_idle_case(topology, case: EngineCase, idle_s: float) -> dict:
+    runner = _runner(topology, case)
+    if topology.rank != 0:
+        from epserve.engine.engine import follow
+        return {"plans": follow(runner)}
+    return asyncio.run(_serve_after_idle(runner, case, idle_s))
+
+
+async def _serve_after_idle(runner, case: EngineCase, idle_s: float) -> dict:
+    engine = start_engine(runner, EngineConfig.from_model_dir(case.ckpt, heartbeat_s=0.5))
+    await asyncio.sleep(idle_s)
+    health = engine.health()
+    prompt, n = GREEDY["g0"]
+    stream = engine.submit(GenerationRequest(request_id="after-idle", prompt_ids=prompt, max_tokens=n,
+                                             sampling=SamplingParams()))
+
+    async def consume():
+        return [d async for d in stream]
+
+    deltas = await asyncio.wait_for(consume(), WAIT_S)
+    engine.shutdown()
+    return {"health": health, "tokens": [t for d in deltas for t in d.token_ids],
+            "finish": deltas[-1].finish_reason.value}
