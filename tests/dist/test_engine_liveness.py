@@ -19,7 +19,7 @@ import pytest
 
 from comm.spawn import _rank_main, free_port
 from comm.strategy import Strategy
-from tests.dist._engine_cases import GREEDY, EngineCase, run_death_case, run_idle_case
+from tests.dist._engine_cases import GREEDY, EngineCase, run_death_case, run_idle_case, run_stall_case
 
 COLLECTIVE_TIMEOUT_S = 20.0
 HARNESS_TIMEOUT_S = 90.0
@@ -86,3 +86,16 @@ def test_idle_engine_heartbeats_keep_followers_inside_the_timeout(tiny_checkpoin
     prompt, n = GREEDY["g0"]
     model, _ = load_model(ckpt)
     assert res["tokens"] == model.greedy_reference([list(prompt)], n)[0] and res["finish"] == "length"
+
+
+@pytest.mark.dist
+def test_stalled_rank_fails_health_then_the_engine_resumes(tiny_checkpoint, tmp_path):
+    from epserve.model.loader import load_model
+    ckpt = tiny_checkpoint("mixtral")
+    case = EngineCase("coherent", ckpt, Strategy.COHERENT, tmp_path / "unused.npz")
+    res = _run_two_ranks(run_stall_case, (case, str(tmp_path)))
+    health, after_s = res["stalled"]
+    assert not health.ok and health.reason.startswith("no step finished for") and after_s < 10
+    model, _ = load_model(ckpt)
+    assert res["tokens"] == model.greedy_reference([[7, 8, 9]], 30)[0] and res["finish"] == "length"
+    assert res["rank1_ok"]
