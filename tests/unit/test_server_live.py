@@ -196,6 +196,8 @@ def test_streaming_gives_the_same_text_as_non_streaming(live):
         finish[ch["index"]] = ch["finish_reason"]
     assert texts == [ch["text"] for ch in whole["choices"]]
     assert finish == [ch["finish_reason"] for ch in whole["choices"]]
+    order = [ev["choices"][0]["index"] for ev in events[:-2]]
+    assert order.index(2) < len(order) - 1 - order[::-1].index(0)   # the prompts' chunks interleave
 
 
 def test_chat_streaming(live):
