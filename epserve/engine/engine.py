@@ -129,7 +129,9 @@ def follow(runner: Runner, channel: ControlChannel | None = None) -> int:
 
 def start_engine(runner: Runner, config: EngineConfig, *, placement_document: dict | None = None,
                  on_fatal: Callable[[str], None] | None = None, channel: ControlChannel | None = None) -> "Engine":
-    """Rank 0: the engine, its thread started. ``placement_document`` defaults to the runner's placement."""
+    """Rank 0: the engine, its thread started. ``placement_document`` defaults to the runner's placement.
+    ``on_fatal(reason)`` is called once, from the engine thread, when the engine dies (use
+    ``loop.call_soon_threadsafe`` to reach the server's loop). The other ranks call :func:`follow`."""
     if runner.topology.rank != 0:
         raise RuntimeError(f"start_engine runs on rank 0; rank {runner.topology.rank} calls follow()")
     attach_live_stats(runner)
@@ -150,8 +152,12 @@ class Engine:
         if config.max_model_len > model.max_position_embeddings:
             raise ValueError(f"engine max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {model.max_position_embeddings}")
-        if config.record_trace_path is not None and runner.recorder is None:
-            raise ValueError("engine record_trace_path needs a runner built with record_tokens > 0")
+        if config.record_trace_path is not None:
+            if runner.recorder is None:
+                raise ValueError("engine record_trace_path needs a runner built with record_tokens > 0")
+            if not Path(config.record_trace_path).parent.is_dir():
+                raise ValueError(f"engine record_trace_path: folder {Path(config.record_trace_path).parent} "
+                                 f"does not exist")
         self.model_name, self.max_model_len = config.model_name, config.max_model_len
         self.eos_token_ids = tuple(config.eos_token_ids)
         self.config, self._runner, self._channel, self._on_fatal = config, runner, channel, on_fatal

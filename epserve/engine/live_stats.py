@@ -1,7 +1,7 @@
 """LiveStats: live traffic per MoE layer, counted on every rank, summed over the group on demand.
 
     Runner._moe (every rank, every MoE layer, on the tokens routed here):
-        expert_load_LE[m] += bincount(topk ids)       local_L[m] += #(expert's rank == this rank)
+        expert_load_LE[m] += count of each expert id  local_L[m] += #(expert's rank == this rank)
         (device tensors, no host sync on the hot path)
     a plan with ``stats=True`` (every rank, after the step; collective on the CPU group):
         vector_X = [per layer: a2a calls, a2a payload bytes, transfers (CommCounters) | local | load_E]
@@ -43,7 +43,8 @@ class LiveStats:
     def record(self, moe_layer: int, topk_ids_NK: torch.Tensor) -> None:
         """The router's choices for the tokens held on this rank at one MoE layer (no host sync)."""
         ids = topk_ids_NK.reshape(-1).long()
-        self.expert_load_LE[moe_layer] += torch.bincount(ids, minlength=self.num_experts)
+        # index_add_, not bincount: bincount sizes its output from the data (a host sync on CUDA)
+        self.expert_load_LE[moe_layer].index_add_(0, ids, torch.ones_like(ids))
         self.local_L[moe_layer] += (self.expert_to_rank_LE[moe_layer][ids] == self.topology.rank).sum()
 
     def vector_X(self, counters: CommCounters) -> torch.Tensor:

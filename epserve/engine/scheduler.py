@@ -150,7 +150,7 @@ class Scheduler:
         """The next plan (``flags``: StepPlan's extra fields, e.g. stats=True). Commits its prompt chunks."""
         release, self._pending_release = tuple(self._pending_release), []
         budget = self.config.max_batched_tokens
-        works = [self._decode(s) for s in self._running if not s.in_prefill]
+        works = [self._decode(s) for s in self._running if not s.in_prefill and s.out]
         budget -= len(works)
         for state in [s for s in self._running if s.in_prefill]:
             if budget <= 0:

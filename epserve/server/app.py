@@ -65,7 +65,9 @@ class _Job:
     arrived: float
     prompts: tuple[tuple[int, ...], ...]
     max_tokens: tuple[int, ...]
-    sampling: SamplingParams
+    sampling: tuple[SamplingParams, ...]     # per prompt: a seed is drawn for each when the client gave none
+    prompt_param: str                        # the request field the prompts came from (errors name it)
+    max_tokens_param: str
     stops: tuple[str, ...]
     ignore_eos: bool
     stream: bool
@@ -152,17 +154,19 @@ class _Server:
                                      param, "context_length_exceeded")
         return asked
 
-    def make_job(self, req, prompts: list[tuple[int, ...]], *, chat: bool) -> _Job:
+    def make_job(self, req, prompts: list[tuple[int, ...]], *, chat: bool, arrived: float) -> _Job:
         asked, param = req.max_tokens, "max_tokens"
         if chat and req.max_completion_tokens is not None:
             asked, param = req.max_completion_tokens, "max_completion_tokens"
         temperature = self.config.default_temperature if req.temperature is None else req.temperature
-        sampling = SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                                  top_k=req.top_k or 0,
-                                  seed=secrets.randbits(63) if req.seed is None else req.seed)
+        sampling = tuple(SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                                        top_k=req.top_k or 0,
+                                        seed=secrets.randbits(63) if req.seed is None else req.seed)
+                         for _ in prompts)
         return _Job(rid=protocol.new_id("chatcmpl" if chat else "cmpl"), model=req.model, created=protocol.now(),
-                    arrived=time.monotonic(), prompts=tuple(prompts),
+                    arrived=arrived, prompts=tuple(prompts),
                     max_tokens=tuple(self.max_tokens_for(asked, p, param) for p in prompts), sampling=sampling,
+                    prompt_param="messages" if chat else "prompt", max_tokens_param=param,
                     stops=req.stop_strings(), ignore_eos=req.ignore_eos, stream=req.stream,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
@@ -170,9 +174,9 @@ class _Server:
         """Every prompt of the job submitted, or none (what was submitted is cancelled) and an APIError."""
         streams: list[TextStream] = []
         try:
-            for i, (ids, max_tokens) in enumerate(zip(job.prompts, job.max_tokens)):
+            for i, (ids, max_tokens, sampling) in enumerate(zip(job.prompts, job.max_tokens, job.sampling)):
                 request = GenerationRequest(request_id=f"{job.rid}-{i}", prompt_ids=ids, max_tokens=max_tokens,
-                                            sampling=job.sampling, ignore_eos=job.ignore_eos)
+                                            sampling=sampling, ignore_eos=job.ignore_eos)
                 streams.append(TextStream(i, self.engine.submit(request), self.tokenizer, job.stops,
                                           arrived=job.arrived, on_tokens=self.metrics.generation_tokens.inc,
                                           on_finish=self.metrics.observe_finish))
@@ -185,8 +189,8 @@ class _Server:
             raise errors.engine_unavailable(str(exc)) from None
         except ValueError as exc:
             self._cancel(streams)
-            msg = str(exc)
-            param = "prompt" if "prompt" in msg else "max_tokens" if "max_tokens" in msg else None
+            msg = str(exc)   # the engine's messages start with the field: "prompt: ...", "max_tokens: ..."
+            param = {"prompt": job.prompt_param, "max_tokens": job.max_tokens_param}.get(msg.partition(":")[0])
             raise errors.bad_request(msg, param) from None
         return streams
 
@@ -266,17 +270,19 @@ class _Server:
     # ------------------------------------------------------------ endpoints
 
     async def completions(self, request: Request) -> Response:
+        arrived = time.monotonic()
         self.check_auth(request)
         req = protocol.parse_body(await self.read_body(request), CompletionRequest)
         self.check_model(req.model)
-        job = self.make_job(req, self.completion_prompts(req), chat=False)
+        job = self.make_job(req, self.completion_prompts(req), chat=False, arrived=arrived)
         return await self.answer(request, job, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
+        arrived = time.monotonic()
         self.check_auth(request)
         req = protocol.parse_body(await self.read_body(request), ChatCompletionRequest)
         self.check_model(req.model)
-        job = self.make_job(req, [self.chat_prompt(req)], chat=True)
+        job = self.make_job(req, [self.chat_prompt(req)], chat=True, arrived=arrived)
         return await self.answer(request, job, chat=True)
 
     async def models(self, request: Request) -> Response:

@@ -68,9 +68,17 @@ class Tokenizer:
         tok_file = model_dir / "tokenizer.json"
         if not tok_file.is_file():
             raise FileNotFoundError(f"{tok_file}: not found (the server needs the model's tokenizer.json)")
-        backend = HFTokenizer.from_file(str(tok_file))
+        try:
+            backend = HFTokenizer.from_file(str(tok_file))
+        except Exception as exc:   # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"{tok_file}: not a valid tokenizer file ({exc})") from None
         cfg_file = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        try:
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_file}: must hold a JSON object")
         bos, eos = _token_content(cfg.get("bos_token")), _token_content(cfg.get("eos_token"))
         if "add_bos_token" in cfg or "add_eos_token" in cfg or backend.post_processor is None:
             _set_post_processor(backend, bos if cfg.get("add_bos_token") else None,

@@ -166,3 +166,69 @@ async def _serve_until_death(runner, case: EngineCase) -> dict:
         refused = type(exc).__name__
     engine.shutdown()
     return {"deltas": deltas, "ended_s": ended_s, "health": engine.health(), "fatal": fatal, "refused": refused}
+
+
+# ---- an idle engine keeps its followers inside the collective timeout -----------------------------------------
+
+def run_idle_case(topology, case: EngineCase, idle_s: float) -> dict:
+    runner = _runner(topology, case)
+    if topology.rank != 0:
+        from epserve.engine.engine import follow
+        return {"plans": follow(runner)}
+    return asyncio.run(_serve_after_idle(runner, case, idle_s))
+
+
+async def _serve_after_idle(runner, case: EngineCase, idle_s: float) -> dict:
+    engine = start_engine(runner, EngineConfig.from_model_dir(case.ckpt, heartbeat_s=0.5))
+    await asyncio.sleep(idle_s)
+    health = engine.health()
+    prompt, n = GREEDY["g0"]
+    stream = engine.submit(GenerationRequest(request_id="after-idle", prompt_ids=prompt, max_tokens=n,
+                                             sampling=SamplingParams()))
+
+    async def consume():
+        return [d async for d in stream]
+
+    deltas = await asyncio.wait_for(consume(), WAIT_S)
+    engine.shutdown()
+    return {"health": health, "tokens": [t for d in deltas for t in d.token_ids],
+            "finish": deltas[-1].finish_reason.value}
+
+
+# ---- a rank that hangs (SIGSTOP): health() says so, and the engine resumes when it does ----------------------
+
+def run_stall_case(topology, case: EngineCase, pid_dir: str) -> dict:
+    runner = _runner(topology, case)
+    pid_file = Path(pid_dir) / "rank1.pid"
+    if topology.rank != 0:
+        pid_file.write_text(str(os.getpid()))
+        from epserve.engine.engine import follow
+        return {"plans": follow(runner)}
+    return asyncio.run(_serve_through_stall(runner, case, pid_file))
+
+
+async def _serve_through_stall(runner, case: EngineCase, pid_file: Path) -> dict:
+    import signal
+    engine = start_engine(runner, EngineConfig.from_model_dir(case.ckpt, heartbeat_s=0.2, stuck_after_s=1.5))
+    stream = engine.submit(GenerationRequest(request_id="stall", prompt_ids=(7, 8, 9), max_tokens=30,
+                                             sampling=SamplingParams(), ignore_eos=True))
+    it = stream.__aiter__()
+    first = await asyncio.wait_for(it.__anext__(), WAIT_S)
+    await _until(pid_file.exists, "rank 1's pid")
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        await _until(lambda: not engine.health().ok, "health() to report the stall", 10.0)
+        stalled = (engine.health(), time.monotonic() - t0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    rest = await asyncio.wait_for(_drain(it), WAIT_S)
+    await _until(lambda: engine.health().ok, "health() to recover", 10.0)
+    engine.shutdown()
+    return {"stalled": stalled, "tokens": [t for d in [first, *rest] for t in d.token_ids],
+            "finish": rest[-1].finish_reason.value}
+
+
+async def _drain(it) -> list:
+    return [d async for d in it]

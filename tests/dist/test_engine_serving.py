@@ -22,6 +22,9 @@ from tests.dist._engine_cases import (CANCEL_AFTER, CANCEL_ID, CANCEL_PROMPT, GR
                                       run_engine_cases)
 from tests.dist._runner_cases import build_predictor
 
+# One spawned group serves every strategy: 10 s on a quiet machine, 30 s on the loaded one, hence slow.
+pytestmark = pytest.mark.slow
+
 STRATEGIES_2 = (Strategy.TWO_A2A, Strategy.COHERENT, Strategy.SPECULATIVE, Strategy.SPECULATIVE_TWO_A2A)
 
 

@@ -60,8 +60,8 @@ def wait_for(cond, what: str, timeout_s: float = 30.0):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def make_engine(**overrides):
-    runner = build_runner(MODEL_DIR, EPTopology.single(), strategy=Strategy.TWO_A2A, kv_cache_tokens=4096)
+def make_engine(*, kv_cache_tokens: int = 4096, **overrides):
+    runner = build_runner(MODEL_DIR, EPTopology.single(), strategy=Strategy.TWO_A2A, kv_cache_tokens=kv_cache_tokens)
     return start_engine(runner, EngineConfig.from_model_dir(MODEL_DIR, stats_min_interval_s=0.0, **overrides))
 
 
@@ -106,6 +106,13 @@ def reference(engine):
         return cache[key]
 
     return ref
+
+
+def first_with(value, key):
+    """``value`` when it holds ``key`` (a non-empty entry for a dict), else None (for wait_for)."""
+    if isinstance(value, dict):
+        return value if value.get(key) else None
+    return value if key in value else None
 
 
 def finish_of(ref_ids, max_new, eos_ids) -> str:
@@ -189,6 +196,8 @@ def test_streaming_gives_the_same_text_as_non_streaming(live):
         finish[ch["index"]] = ch["finish_reason"]
     assert texts == [ch["text"] for ch in whole["choices"]]
     assert finish == [ch["finish_reason"] for ch in whole["choices"]]
+    order = [ev["choices"][0]["index"] for ev in events[:-2]]
+    assert order.index(2) < len(order) - 1 - order[::-1].index(0)   # the prompts' chunks interleave
 
 
 def test_chat_streaming(live):
@@ -235,3 +244,159 @@ def test_concurrent_clients_all_answered(live, tok, reference):
     for prompt, r in asyncio.run(main()):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == tok.decode(reference(tok.encode(prompt), 8))
+
+
+# ---------------------------------------------------------------- bad input: 4xx, and the server still serves
+
+LONG_IDS = [7] * 600   # more than the 512-token context
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    ("/v1/completions", {"model": "gpt-4", "prompt": "a"}, 404, "model", "model_not_found"),
+    ("/v1/chat/completions", {"model": "nope", "messages": CHAT}, 404, "model", "model_not_found"),
+    ("/v1/completions", {"model": "default_model", "prompt": LONG_IDS}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {"model": "default_model", "prompt": ["ok", LONG_IDS]}, 400, "prompt", "invalid_type"),
+    ("/v1/completions", {"model": "default_model", "prompt": [[1, 2], LONG_IDS]}, 400, "prompt[1]",
+     "context_length_exceeded"),
+    ("/v1/completions", {"model": "default_model", "prompt": "x, " * 400}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {"model": "default_model", "prompt": "hi", "max_tokens": 510}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": "default_model", "messages": CHAT, "max_completion_tokens": 600}, 400,
+     "max_completion_tokens", "context_length_exceeded"),
+    ("/v1/completions", {"model": "default_model", "prompt": [5, 4096]}, 400, "prompt", "invalid_token_id"),
+    ("/v1/completions", {"model": "default_model", "prompt": [-1]}, 400, "prompt", "invalid_token_id"),
+    ("/v1/completions", {"model": "default_model", "prompt": []}, 400, "prompt", "empty_prompt"),
+    ("/v1/completions", {"model": "default_model", "prompt": "x", "max_tokens": 0}, 400, "max_tokens",
+     "invalid_value"),
+    ("/v1/completions", {"model": "default_model", "prompt": "x", "n": 3}, 400, "n", "unsupported_value"),
+    ("/v1/completions", {"model": "default_model", "prompt": "x", "echo": True}, 400, "echo",
+     "unsupported_parameter"),
+    ("/v1/completions", {"model": "default_model", "prompt": "x", "temperature": 3}, 400, "temperature",
+     "invalid_value"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model", "missing_required_parameter"),
+    ("/v1/chat/completions", {"model": "default_model", "messages": [{"role": "user", "content": 1}]}, 400,
+     "messages[0].content", "invalid_type"),
+])
+def test_bad_request_is_refused_and_server_still_serves(live, path, body, status, param, code):
+    with live.client() as c:
+        r = c.post(path, json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == (param, code)
+        assert err["type"] == "invalid_request_error" and err["message"]
+        ok = c.post("/v1/completions", json={"model": "default_model", "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_not_json_wrong_method_unknown_path(live):
+    with live.client() as c:
+        r = c.post("/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        assert c.get("/v1/completions").status_code == 405
+        r = c.get("/v2/nothing")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_body_over_the_limit_is_413_even_when_chunked(live):
+    big = json.dumps({"model": "default_model", "prompt": "a" * (80 * 1024)}).encode()
+
+    def chunks():
+        for i in range(0, len(big), 4096):
+            yield big[i:i + 4096]
+
+    with live.client() as c:
+        r = c.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.post("/v1/completions", json={"model": "default_model", "prompt": "x",
+                                               "max_tokens": 1}).status_code == 200
+
+
+# ---------------------------------------------------------------- health, models, metrics, placement
+
+def test_health_and_models(live):
+    with live.client() as c:
+        h = c.get("/health")
+        assert (h.status_code, h.json()) == (200, {"status": "ok"})
+        m = c.get("/v1/models").json()
+    assert m["object"] == "list"
+    assert [(d["id"], d["object"], d["max_model_len"]) for d in m["data"]] == [("default_model", "model", 512)]
+
+
+def test_metrics_has_request_token_latency_and_per_layer_series(live):
+    with live.client() as c:
+        assert c.post("/v1/completions", json={"model": "default_model", "prompt": PROMPTS, "max_tokens": 6,
+                                               "temperature": 0}).status_code == 200
+        text = wait_for(lambda: first_with(c.get("/metrics").text, 'epserve_a2a_calls_total{moe_layer="5"}'),
+                        "per-layer traffic in /metrics")
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples['epserve_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+    assert samples["epserve_prompt_tokens_total"] >= 1 and samples["epserve_generation_tokens_total"] >= 24
+    assert samples["epserve_time_to_first_token_seconds_count"] >= 4
+    assert samples["epserve_time_per_output_token_seconds_count"] >= 4
+    assert samples["epserve_engine_healthy"] == 1.0 and samples["epserve_world_size"] == 1.0
+    for name in ("epserve_queue_waiting", "epserve_running_batch", "epserve_kv_used_tokens"):
+        assert name in samples
+    for layer in range(6):   # world size 1: every activation is local, nothing crosses a rank
+        assert samples[f'epserve_local_activation_rate{{moe_layer="{layer}"}}'] == 1.0
+        assert samples[f'epserve_a2a_bytes_total{{moe_layer="{layer}"}}'] == 0.0
+        assert samples[f'epserve_transfers_total{{moe_layer="{layer}"}}'] == 0.0
+        assert samples[f'epserve_activations_total{{moe_layer="{layer}"}}'] > 0
+        assert samples[f'epserve_expert_load_imbalance{{moe_layer="{layer}"}}'] >= 1.0
+        assert f'epserve_a2a_calls_total{{moe_layer="{layer}"}}' in samples
+
+
+def test_placement_document_and_live_traffic(live):
+    with live.client() as c:
+        c.post("/v1/completions", json={"model": "default_model", "prompt": "x", "max_tokens": 3})
+        doc = wait_for(lambda: first_with(c.get("/placement").json(), "layers"), "live traffic")
+    assert (doc["strategy"], doc["world_size"]) == ("two_a2a", 1)
+    p = doc["placement"]
+    assert (p["version"], p["num_layers"], p["num_experts"]) == (1, 6, 16)
+    assert p["expert_to_gpu"] == [[0] * 16] * 6
+    assert [layer["moe_layer"] for layer in doc["layers"]] == list(range(6))
+    for layer in doc["layers"]:
+        assert (layer["lar"], layer["transfers_per_token_layer"]) == (1.0, 0.0)
+        assert sum(layer["expert_load"]) == layer["activations"] > 0
+    assert [sum(row) for row in doc["gpu_load"]] == [layer["activations"] for layer in doc["layers"]]
+
+
+# ---------------------------------------------------------------- disconnects cancel
+
+# Long enough (4 x 490 tokens, at least 490 engine steps) that the engine is still at it when the test acts.
+LONG_BODY = {"model": "default_model", "prompt": PROMPTS, "max_tokens": 490, "temperature": 0, "ignore_eos": True}
+LONG_TOKENS = 4 * 490
+
+
+def idle(engine) -> bool:
+    s = engine.snapshot()
+    return s.running == 0 and s.waiting == 0 and s.kv_used_tokens == 0
+
+
+def test_stream_disconnect_cancels_and_frees_kv(live, engine):
+    wait_for(lambda: idle(engine), "an idle engine")
+    before = engine.snapshot().generation_tokens
+    with live.client() as c:
+        with c.stream("POST", "/v1/completions", json={**LONG_BODY, "stream": True}) as r:
+            first = json.loads(next(x for x in r.iter_lines() if x)[len("data: "):])
+            assert first["choices"][0]["finish_reason"] is None
+    wait_for(lambda: idle(engine), "the cancelled requests' KV to be freed")
+    assert engine.snapshot().generation_tokens - before < LONG_TOKENS
+
+
+def test_non_stream_disconnect_cancels_and_frees_kv(live, engine):
+    wait_for(lambda: idle(engine), "an idle engine")
+    before = engine.snapshot().generation_tokens
+    body = json.dumps(LONG_BODY).encode()
+    host, port = live.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: engine.snapshot().generation_tokens > before, "the requests to generate")
+    wait_for(lambda: idle(engine), "the cancelled requests' KV to be freed")
+    assert engine.snapshot().generation_tokens - before < LONG_TOKENS

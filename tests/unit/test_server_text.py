@@ -81,6 +81,19 @@ def test_missing_tokenizer_file_names_it(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
+@pytest.mark.parametrize("name, content, words", [
+    ("tokenizer.json", "{broken", "tokenizer.json: not a valid tokenizer file"),
+    ("tokenizer_config.json", "{broken", "tokenizer_config.json: not valid JSON"),
+    ("tokenizer_config.json", "[1]", "tokenizer_config.json: must hold a JSON object"),
+])
+def test_broken_tokenizer_files_are_named(tmp_path, name, content, words):
+    model_dir = tmp_path / "m"
+    shutil.copytree(MODEL_DIR, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    (model_dir / name).write_text(content)
+    with pytest.raises(ValueError, match=words):
+        Tokenizer.from_dir(model_dir)
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_incremental_detokenizer_deltas_join_to_decode(ours, text):
     ids = ours.encode(text)
