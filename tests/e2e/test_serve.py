@@ -1,6 +1,6 @@
 """The real ``epserve serve`` under torchrun (gloo, 2 and 4 ranks, every strategy): what it answers equals the
 one-process greedy reference token for token; streaming, concurrent clients and the openai client agree; bad
-requests get 4xx and the server keeps serving; an API key from EPSERVE_API_KEY is enforced; Ctrl-C stops every
+requests get 4xx and the server keeps serving; --record-trace writes the live routing; an API key from EPSERVE_API_KEY is enforced; Ctrl-C stops every
 process with status 0.
 
 One server start per configuration (each costs seconds on 2 cores): all the checks of a configuration run
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from placement import Placement
+from placement.trace import RoutingTrace
 from tests.e2e.conftest import PROMPTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -41,10 +42,13 @@ def _sse(response) -> list:
 
 @pytest.mark.parametrize("ranks, strategy, solved", CONFIGS, ids=[f"{g}x{s}" + ("+solved" if p else "")
                                                                   for g, s, p in CONFIGS])
-def test_serves_the_one_process_tokens(ranks, strategy, solved, pipeline, serve, tokenizer, reference):
+def test_serves_the_one_process_tokens(ranks, strategy, solved, pipeline, serve, tokenizer, reference, tmp_path):
     argv = ["--nproc-per-node", str(ranks), "--strategy", strategy, "--collective-timeout", "60"]
     if solved:
         argv += ["--placement", str(pipeline[ranks])]
+    live_trace = tmp_path / "live.npz" if (ranks, strategy) == (2, "two_a2a") else None
+    if live_trace:
+        argv += ["--record-trace", str(live_trace), "--record-tokens", "200"]
     key = API_KEY if (ranks, strategy) == (2, "coherent") else None   # from the environment, as documented
     server = serve(argv, env={"EPSERVE_API_KEY": key} if key else None)
     assert sorted(server.rank_processes()) == list(range(ranks))
@@ -65,6 +69,16 @@ def test_serves_the_one_process_tokens(ranks, strategy, solved, pipeline, serve,
     assert code == 0, server.log()[-3000:]
     assert server.alive() == []
     assert "epserve serve: stopped" in server.log()
+    if live_trace:   # written by the engine at the clean stop
+        _live_trace_holds_the_served_tokens(live_trace, tokenizer, refs)
+
+
+def _live_trace_holds_the_served_tokens(path, tok, refs) -> None:
+    trace = RoutingTrace.load(path)
+    assert (trace.num_tokens, trace.num_layers, trace.num_experts, trace.top_k) == (200, 6, 16, 2)
+    served = {t for p in PROMPTS for t in tok.encode(p)} | {t for r in refs for t in r}
+    assert set(trace.token_ids_T.tolist()) <= served
+    assert ((trace.experts_TLK >= 0) & (trace.experts_TLK < 16)).all()
 
 
 def _batch_equals_reference(c: httpx.Client, tok, refs) -> None:
