@@ -106,19 +106,25 @@ def serve_rank0(args, runner, watchdog: Watchdog) -> int:
     from epserve.engine.engine import start_engine
     from epserve.server.app import create_app
 
-    fatal = threading.Event()
+    fatal, stop = threading.Event(), threading.Event()
     server_box: list[uvicorn.Server] = []
+
+    def stop_server() -> None:
+        stop.set()
+        if server_box:
+            server_box[0].should_exit = True
 
     def on_signal(sig, _frame) -> None:   # also what uvicorn re-raises after its own handling
         watchdog.arm(0)
-        if server_box:
-            server_box[0].should_exit = True
+        stop_server()
 
     def on_fatal(reason: str) -> None:    # engine thread
         print(f"epserve worker: engine failed: {reason}", file=sys.stderr, flush=True)
         fatal.set()
         watchdog.arm(1)
-        threading.Timer(FATAL_GRACE_S, lambda: setattr(server_box[0], "should_exit", True)).start()
+        timer = threading.Timer(FATAL_GRACE_S, stop_server)
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -128,6 +134,7 @@ def serve_rank0(args, runner, watchdog: Watchdog) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                           timeout_graceful_shutdown=2))
     server_box.append(server)
+    server.should_exit = stop.is_set()     # a signal that came before the server existed
     try:
         server.run()
     except SystemExit:          # uvicorn could not start (e.g. the port is taken); it logged why
@@ -159,7 +166,6 @@ def follow_rank(args, runner, watchdog: Watchdog) -> int:
     except Exception as exc:  # noqa: BLE001 - a failed collective: rank 0 or a peer is gone
         print(f"epserve worker rank {runner.topology.rank}: {exc}", file=sys.stderr, flush=True)
         return 1
-    watchdog.arm(1)
     return 0
 
 
