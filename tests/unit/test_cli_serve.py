@@ -169,3 +169,16 @@ def test_a_taken_port_is_refused_before_anything_starts(capsys):
     # another node's launcher does not serve: the port is not its business
     assert serve_cmd.preflight(_args("--port", str(port), "--nnodes", "2", "--node-rank", "1",
                                      "--master-port", "29500", "--nproc-per-node", "2")).world_size == 4
+
+
+def test_engine_limits_reach_the_engine_config(tmp_path):
+    args = _args("--max-running", "4", "--max-batched-tokens", "64", "--max-waiting", "3", "--max-model-len", "256",
+                 "--served-model-name", "tiny-moe", "--record-trace", str(tmp_path / "live.npz"),
+                 "--collective-timeout", "45")
+    config = serve_cmd.engine_config(args, DEFAULT)
+    assert (config.max_running_seqs, config.max_batched_tokens, config.max_waiting, config.max_model_len) == (
+        4, 64, 3, 256)
+    assert config.model_name == "tiny-moe" and config.record_trace_path == str(tmp_path / "live.npz")
+    assert config.eos_token_ids == (1, 5) and config.stuck_after_s == 45
+    default = serve_cmd.engine_config(_args(), DEFAULT)
+    assert (default.model_name, default.max_model_len, default.record_trace_path) == ("default_model", 512, None)
