@@ -109,16 +109,7 @@ def preflight(args) -> Preflight:
         raise InputError(f"the model's {config.num_experts} experts cannot be split evenly over {world} ranks "
                          f"(--nnodes {args.nnodes} x --nproc-per-node {args.nproc_per_node})")
     placement_path = Path(args.placement).resolve() if args.placement else None
-    if placement_path is None:
-        placement = contiguous_placement(config.num_moe_layers, config.num_experts,
-                                         ClusterShape(nodes=args.nnodes, gpus_per_node=args.nproc_per_node))
-    else:
-        placement = Placement.load(placement_path)
-        placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts,
-                             what=f"the model ({model_dir.name})")
-        if placement.num_gpus != world:
-            raise PlacementError(f"{placement_path} is for {placement.num_gpus} GPUs, but --nnodes {args.nnodes} "
-                                 f"x --nproc-per-node {args.nproc_per_node} = {world} ranks")
+    placement = _placement(args, placement_path, config, model_dir.name)
     predictor_path = _predictor(args, Strategy.parse(args.strategy), placement, placement_path)
     if args.max_model_len is not None and args.max_model_len > config.max_position_embeddings:
         raise InputError(f"--max-model-len {args.max_model_len} exceeds the model's context "
@@ -133,6 +124,21 @@ def preflight(args) -> Preflight:
         _check_port_free(args.host, args.port)
     return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
                      predictor_path=predictor_path, world_size=world)
+
+
+def _placement(args, path: Path | None, config: ModelConfig, model_name: str) -> Placement:
+    """The placement to serve (contiguous without --placement), refused unless it fits the model and world."""
+    if path is None:
+        return contiguous_placement(config.num_moe_layers, config.num_experts,
+                                    ClusterShape(nodes=args.nnodes, gpus_per_node=args.nproc_per_node))
+    placement = Placement.load(path)
+    placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts,
+                         what=f"the model ({model_name})")
+    world = args.nnodes * args.nproc_per_node
+    if placement.num_gpus != world:
+        raise PlacementError(f"{path} is for {placement.num_gpus} GPUs, but --nnodes {args.nnodes} "
+                             f"x --nproc-per-node {args.nproc_per_node} = {world} ranks")
+    return placement
 
 
 def engine_config(args, model_dir: Path):
