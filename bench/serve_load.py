@@ -9,9 +9,10 @@ one server per config, all in one run.
         --> requests/s, output tokens/s, TTFT p50/p99, TPOT p50/p99 (from the client's clock)
         --> /placement: the server's own LAR, transfers per token-layer, all-to-all bytes (whole run)
         --> Ctrl-C the server (every process of the group killed after a bound)
+    repeated for --rounds rounds (configs in the same order each round); speeds: medians over the rounds
     --> bench/results/serve_load.json + serve_load.md (ratios against the baseline of the same run)
 
-Run:  nice -n 10 python bench/serve_load.py [--clients 8] [--requests 48] [--max-tokens 32]
+Run:  nice -n 10 python bench/serve_load.py [--clients 8] [--requests 32] [--max-tokens 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -223,16 +224,30 @@ def run_config(cfg: Config, placement: Path, work: Path, args) -> dict:
 
 
 # ---- report -------------------------------------------------------------------------------------------------
-def add_ratios(rows: list[dict]) -> None:
+SPEEDS = ("requests_per_s", "output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per config: the median of each speed over the rounds (each round runs every config once, in
+    order, so slow drifts of the shared machine hit every config alike), the server counters of the first
+    round, and whether every round gave the baseline's text."""
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        runs = [rnd[i] for rnd in rounds]
+        row = {k: v for k, v in first.items() if k not in SPEEDS + ("texts",)}
+        row.update({k: float(np.median([r[k] for r in runs])) for k in SPEEDS})
+        row["failed"] = sum(r["failed"] for r in runs)
+        row["same_text_as_base"] = all(r["texts"] == rnd[0]["texts"] for r, rnd in zip(runs, rounds))
+        row["per_round"] = [{k: r[k] for k in ("requests_per_s", "output_tokens_per_s", "ttft_ms_p50",
+                                                "tpot_ms_p50", "wall_s")} for r in runs]
+        rows.append(row)
     base = rows[0]
     for r in rows:
         for key in ("requests_per_s", "output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50"):
             r[f"{key}_vs_base"] = r[key] / base[key] if base[key] else float("nan")
-        b, s = base["server"]["transfers_per_token_layer"], r["server"]["transfers_per_token_layer"]
-        r["transfers_vs_base"] = s / b if b else float("nan")
-        r["same_text_as_base"] = r["texts"] == base["texts"]   # greedy: lossless means identical
-    for r in rows:
-        del r["texts"]
+        b, t = base["server"]["transfers_per_token_layer"], r["server"]["transfers_per_token_layer"]
+        r["transfers_vs_base"] = t / b if b else float("nan")
+    return rows
 
 
 def write_report(out: Path, result: dict) -> None:
@@ -269,7 +284,8 @@ def solve_placement(work: Path) -> tuple[Path, dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="each config runs once per round (medians reported)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--deadline", type=float, default=240.0, help="seconds of load per config at most")
     p.add_argument("--ready-timeout", type=float, default=180.0)
@@ -278,20 +294,23 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
         placement, doc = solve_placement(work)
-        rows = []
-        for cfg in CONFIGS:
-            print(f"[serve_load] {cfg.name} ...", file=sys.stderr, flush=True)
-            rows.append(run_config(cfg, placement, work, args))
-            print(f"[serve_load] {cfg.name}: {rows[-1]['output_tokens_per_s']:.1f} tok/s, "
-                  f"{rows[-1]['failed']} failed", file=sys.stderr, flush=True)
-        add_ratios(rows)
+        rounds = []
+        for n in range(args.rounds):
+            rounds.append([])
+            for cfg in CONFIGS:
+                row = run_config(cfg, placement, work, args)
+                rounds[-1].append(row)
+                print(f"[serve_load] round {n + 1}/{args.rounds} {cfg.name}: {row['output_tokens_per_s']:.1f} "
+                      f"tok/s, {row['failed']} failed", file=sys.stderr, flush=True)
+        rows = combine_rounds(rounds)
     summary = (f"{RANKS} EP ranks (`epserve serve --nproc-per-node {RANKS}`, gloo, OMP_NUM_THREADS=1) on one "
                f"2-core CPU machine shared with other work; the bundled default model (tiny Mixtral: 6 MoE layers, "
                f"16 experts, top-2, hidden 128, float32). Closed loop: {args.clients} client threads, "
                f"{args.requests} streaming greedy requests ({len(PROMPTS)} fixed code prompts in turn, max_tokens "
-               f"{args.max_tokens}, ignore_eos), one warm-up request first; a fresh server per config, configs run "
-               f"one after another. TTFT and TPOT on the client's clock; LAR, transfers and all-to-all bytes are "
-               f"the server's own /placement counters over the whole run (warm-up included). Speeds on this "
+               f"{args.max_tokens}, ignore_eos), one warm-up request first; a fresh server per config and round; "
+               f"{args.rounds} rounds, each running every config once in the order below; speeds are medians over "
+               f"the rounds. TTFT and TPOT on the client's clock; LAR, transfers and all-to-all bytes are the "
+               f"server's own /placement counters over the first round's run (warm-up included). Speeds on this "
                f"machine are dominated by Python and loopback latency, not bandwidth; the counts are exact. "
                f"Ratios are against two_a2a+contiguous of the same run.")
     note = (f"`solved` = `epserve place --solver local --held-out 0.25` on bench/results/default_model_trace.npz "
@@ -299,7 +318,7 @@ def main(argv=None) -> int:
             f"predictor it wrote.")
     result = {"setup": {"ranks": RANKS, "clients": args.clients, "requests": args.requests,
                         "max_tokens": args.max_tokens, "prompts": PROMPTS, "trace": str(TRACE.relative_to(ROOT)),
-                        "summary": summary, "placement_note": note, "placement_solver": doc["solver"],
+                        "rounds": args.rounds, "summary": summary, "placement_note": note, "placement_solver": doc["solver"],
                         "placement_objective": doc["objective"]}, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
