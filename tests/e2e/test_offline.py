@@ -15,6 +15,7 @@ from tests.e2e.conftest import PROMPTS
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow   # builds the session's pipeline (trace + two placements)
 def test_trace_records_every_token_with_its_vocabulary_id(pipeline, tokenizer, reference):
     trace = RoutingTrace.load(pipeline["trace"])
     assert (trace.num_layers, trace.num_experts, trace.top_k) == (6, 16, 2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,8 @@ import sys
 import psutil
 import pytest
 
+from placement.cluster import ClusterShape
+from placement.placement import contiguous_placement
 from tests.conftest import REPO_ROOT
 from tests.e2e._serve import serve_env
 from tests.e2e.conftest import DEFAULT
@@ -27,19 +28,22 @@ def _serve(*argv: str, marker: str) -> subprocess.CompletedProcess:
     return out
 
 
-def test_mismatched_placements_start_nothing(pipeline):
-    out = _serve("--nproc-per-node", "2", "--placement", str(pipeline[4]), marker=str(pipeline[4]))
+def _contiguous(path, *, layers: int, gpus: int):
+    contiguous_placement(layers, 16, ClusterShape(nodes=1, gpus_per_node=gpus)).save(path)
+    return path
+
+
+def test_mismatched_placements_start_nothing(tmp_path):
+    four = _contiguous(tmp_path / "four_gpus.json", layers=6, gpus=4)
+    out = _serve("--nproc-per-node", "2", "--placement", str(four), marker=str(four))
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        f"epserve serve: error: {pipeline[4]} is for 4 GPUs, but --nnodes 1 x --nproc-per-node 2 = 2 ranks"]
+        f"epserve serve: error: {four} is for 4 GPUs, but --nnodes 1 x --nproc-per-node 2 = 2 ranks"]
     assert "torch.distributed" not in out.stderr and out.stdout == ""
 
 
-def test_placement_for_another_model_starts_nothing(pipeline, tmp_path):
-    doc = json.loads(pipeline[2].read_text())
-    doc["num_layers"], doc["expert_to_gpu"] = 5, doc["expert_to_gpu"][:5]
-    other = tmp_path / "five_layers.json"
-    other.write_text(json.dumps(doc))
+def test_placement_for_another_model_starts_nothing(tmp_path):
+    other = _contiguous(tmp_path / "five_layers.json", layers=5, gpus=2)
     out = _serve("--nproc-per-node", "2", "--placement", str(other), marker=str(other))
     assert out.returncode == 2
     assert out.stderr.strip() == ("epserve serve: error: placement is for 5 MoE layers x 16 experts, but the model "
