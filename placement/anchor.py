@@ -14,10 +14,13 @@ anchor is always one of the token's expert ranks, so the combine costs |R| - 1 t
 what the choice changes is where the token starts layer l+1, which saves a dispatch transfer when that rank is
 among its next experts' ranks. It never changes outputs: only where the sum happens and where the token lives.
 
-Fit: ``score_LEG[l, e, r] = round(SCALE * P(r in R_{l+1} | e in topk_l))`` over the fit tokens (R_{l+1}: the
-ranks of the token's experts at layer l+1; add-one-half smoothing), so every rank computes the same choice from
-integers. The last layer's row predicts the first MoE layer of the same sequence's next position (decode:
-the token after it starts where this one was anchored); it stays zero when the trace has no sequences.
+Fit (naive Bayes over the token's K experts, in integers so that every rank computes the same choice): with
+p(e, r) = P(r in R_{l+1} | e in topk_l) and q(r) = P(r in R_{l+1}) counted on the fit tokens (R_{l+1}: the ranks of
+the token's experts at layer l+1; add-one smoothing),
+``score_LEG[l, e, r] = round(SCALE * (logit p(e, r) - (K - 1) / K * logit q(r)))``, whose sum over the K experts is
+the log-odds of r in R_{l+1} under independence. The last layer's row predicts the first MoE layer of the same
+sequence's next position (decode: the token after it starts where this one was anchored); it stays zero when
+the trace has no sequences.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import numpy as np
 from placement.errors import InputError, PlacementError
 
 FORMAT_VERSION = 1
-SCALE = 1000            # probabilities in thousandths: K * SCALE fits int32 with room to spare
+SCALE = 1000            # log-odds in thousandths
+MAX_ABS_SCORE = 1 << 24   # sums over K experts stay exact in int64 (and in float32 nowhere: integers only)
+SMOOTHING = 1.0           # add-one: an expert never seen gets p = 1/2
 
 
 def expert_table_digest(expert_to_gpu_LE: np.ndarray) -> str:
@@ -52,8 +57,9 @@ class AnchorTable:
         if not isinstance(s, np.ndarray) or s.ndim != 3 or not np.issubdtype(s.dtype, np.integer):
             raise PlacementError(f"anchor scores must be an integer [layers, experts, gpus] array, got "
                                  f"{getattr(s, 'dtype', type(s).__name__)} {getattr(s, 'shape', None)}")
-        if len(s) and (s.min() < 0 or s.max() > SCALE):
-            raise PlacementError(f"anchor scores must lie in [0, {SCALE}], got [{s.min()}, {s.max()}]")
+        if s.size and np.abs(s.astype(np.int64)).max() > MAX_ABS_SCORE:
+            raise PlacementError(f"anchor scores must lie in [-{MAX_ABS_SCORE}, {MAX_ABS_SCORE}], got "
+                                 f"[{s.min()}, {s.max()}]")
         object.__setattr__(self, "score_LEG", s.astype(np.int32, copy=False))
 
     @property
@@ -108,12 +114,17 @@ class AnchorTable:
 
 def choose_anchors(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndarray) -> np.ndarray:
     """[N] anchor rank per token: the r_k with the largest sum_k' score_EG[e_k', r_k], ties to the smallest k."""
-    N, K = ranks_NK.shape
+    k_N = anchor_slots(score_EG, experts_NK, ranks_NK)
+    return ranks_NK[np.arange(len(k_N)), k_N].astype(np.int64)
+
+
+def anchor_slots(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndarray) -> np.ndarray:
+    """[N] the slot k whose rank ``choose_anchors`` picks."""
+    K = ranks_NK.shape[1]
     score_NG = score_EG[experts_NK.astype(np.int64)].astype(np.int64).sum(axis=1)
     cand_NK = np.take_along_axis(score_NG, ranks_NK.astype(np.int64), axis=1)
     key_NK = cand_NK * K + (K - 1 - np.arange(K))        # unique per row: ties to the smallest k
-    k_N = np.argmax(key_NK, axis=1)
-    return ranks_NK[np.arange(N), k_N].astype(np.int64)
+    return np.argmax(key_NK, axis=1)
 
 
 def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int) -> AnchorTable:
@@ -139,9 +150,13 @@ def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int) -> Anch
 
 
 def _scores(experts_NK: np.ndarray, next_member_NG: np.ndarray, E: int) -> np.ndarray:
-    """[E, G] round(SCALE * P(g in next ranks | e chosen)), add-one-half smoothing."""
-    onehot_NE = np.zeros((len(experts_NK), E))
+    """[E, G] round(SCALE * (logit p(e, g) - (K - 1) / K * logit q(g))) (module docstring), add-one smoothing."""
+    N, K = experts_NK.shape
+    onehot_NE = np.zeros((N, E))
     np.put_along_axis(onehot_NE, experts_NK, 1.0, axis=1)
     hits_EG = onehot_NE.T @ next_member_NG
     seen_E = onehot_NE.sum(axis=0)
-    return np.rint(SCALE * (hits_EG + 0.5) / (seen_E[:, None] + 1.0)).astype(np.int32)
+    p_EG = (hits_EG + SMOOTHING) / (seen_E[:, None] + 2 * SMOOTHING)
+    q_G = (next_member_NG.sum(axis=0) + SMOOTHING) / (N + 2 * SMOOTHING)
+    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    return np.rint(SCALE * (logit(p_EG) - (K - 1) / K * logit(q_G)[None, :])).astype(np.int32)

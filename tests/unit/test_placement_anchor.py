@@ -4,6 +4,7 @@ the runtime's torch twin against the numpy rule; files and their errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -90,19 +91,29 @@ def test_last_layer_anchor_decides_where_the_next_decode_token_starts():
     assert (r.dispatch_L.tolist(), r.combine_L.tolist()) == ([2], [1])     # token 1 starts on rank 0
 
 
+def _nb(p, q, K=2):
+    """round(1000 * (logit p - (K - 1) / K * logit q)): the fitted score (anchor.py docstring)."""
+    logit = lambda x: math.log(x / (1 - x))  # noqa: E731
+    return round(1000 * (logit(p) - (K - 1) / K * logit(q)))
+
+
 def test_fit_by_hand():
     table = fit_anchor_table(_trace(TOP2), CONTIGUOUS, 2)
     # next-layer ranks R_1: token 0 {0}, token 1 {0, 1}, token 2 {0, 1}; layer-0 experts {0,2}, {3,2}, {2,3}
-    # score = round(1000 * (hits + 0.5) / (seen + 1))
-    assert table.score_LEG[0].tolist() == [[750, 250],     # expert 0: seen 1, hits (1, 0)
-                                           [500, 500],     # expert 1: never seen
-                                           [875, 625],     # expert 2: seen 3, hits (3, 2)
-                                           [833, 833]]     # expert 3: seen 2, hits (2, 2)
+    # add-one smoothing: p = (hits + 1) / (seen + 2), q = (tokens using g + 1) / (3 + 2) = (4/5, 3/5)
+    q0, q1 = 4 / 5, 3 / 5
+    assert table.score_LEG[0].tolist() == [[_nb(2 / 3, q0), _nb(1 / 3, q1)],    # expert 0: seen 1, hits (1, 0)
+                                           [_nb(1 / 2, q0), _nb(1 / 2, q1)],    # expert 1: never seen
+                                           [_nb(4 / 5, q0), _nb(3 / 5, q1)],    # expert 2: seen 3, hits (3, 2)
+                                           [_nb(3 / 4, q0), _nb(3 / 4, q1)]]    # expert 3: seen 2, hits (2, 2)
+    assert table.score_LEG[0].tolist() == [[0, -896], [-693, -203], [693, 203], [405, 896]]
     assert table.score_LEG[1].tolist() == [[0, 0]] * 4    # no sequences: nothing follows the last layer
     assert table.meta["chained_tokens"] == 0
     chained = fit_anchor_table(_trace([[[0, 2]], [[2, 3]]], seq=[0, 0], pos=[0, 1]), CONTIGUOUS[:1], 2)
-    # the last (only) layer predicts the next position's first layer: token 1 uses rank 1 only
-    assert chained.score_LEG[0].tolist() == [[250, 750], [500, 500], [250, 750], [500, 500]]
+    # the last (only) layer predicts the next position's first layer: one pair, token 1 uses rank 1 only:
+    # q = (1/3, 2/3); experts 0 and 2 seen once with hits (0, 1); experts 1 and 3 never seen
+    seen, unseen = [_nb(1 / 3, 1 / 3), _nb(2 / 3, 2 / 3)], [_nb(1 / 2, 1 / 3), _nb(1 / 2, 2 / 3)]
+    assert chained.score_LEG[0].tolist() == [seen, unseen, seen, unseen]
 
 
 def test_placement_saves_and_loads_its_table(tmp_path):
@@ -126,8 +137,8 @@ def test_table_errors_name_the_problem(tmp_path):
         Placement(other, ClusterShape(gpus_per_node=2)).with_anchors(_table(HAND))
     with pytest.raises(PlacementError, match="anchor table is for 1 layers x 4 experts x 2 GPUs"):
         Placement(CONTIGUOUS, ClusterShape(gpus_per_node=2)).with_anchors(_table(HAND[:1]))
-    with pytest.raises(PlacementError, match=r"must lie in \[0, 1000\]"):
-        _table([[[-1, 0]] * 4] * 2)
+    with pytest.raises(PlacementError, match=r"must lie in \[-16777216, 16777216\]"):
+        _table([[[-1, 1 << 25]] * 4] * 2)
     (tmp_path / "bad.anchors.npz").write_bytes(b"not a zip")
     with pytest.raises(PlacementError, match="not a readable anchor table"):
         AnchorTable.load(tmp_path / "bad.anchors.npz")
