@@ -1,6 +1,7 @@
 """``epserve place`` and ``epserve simulate``: the offline placement tool.
 
-    place:    trace --split (--held-out)--> fit --stats--> solve (progress on stderr) --> placement.json
+    place:    trace --split (--held-out)--> fit --stats--> solve (progress on stderr)
+              [--refine: exact swaps against coherent transfers on the fit part] --> placement.json
               (+ <stem>.anchors.npz for top-k > 1: the coherent anchor table, fitted on the fit part)
               (+ <stem>.predictor.npz when the fit trace has vocabulary ids)
               --> table: ours vs contiguous vs round_robin on the held-out part (else the fit trace)
@@ -12,6 +13,7 @@ Every input is read and checked before anything is written; bad input is an Inpu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -21,6 +23,7 @@ from placement.anchor import fit_anchor_table
 from placement.cluster import ClusterShape
 from placement.errors import InputError, TraceError
 from placement.placement import Placement
+from placement.refine import refine_placement
 from placement.predictor import PredictorOptions, SpeculativePredictor
 from placement.report import comparison_rows, file_sha256, format_table
 from placement.simulate import SimOptions, Strategy
@@ -45,6 +48,9 @@ def register(subparsers) -> None:
     place.add_argument("--coact-weight", type=float, default=StatsOptions().coact_weight)
     place.add_argument("--intra-node-cost", type=float, default=1.0)
     place.add_argument("--inter-node-cost", type=float, default=4.0)
+    place.add_argument("--refine", action="store_true",
+                       help="after solving, swap experts to lower the coherent strategy's exact transfers on the "
+                            "fit tokens (the surrogate objective is pairwise; this counts distinct ranks)")
     place.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
                        help="fit a coherent anchor table (top-k > 1; default on): sum each token on the expert "
                             "rank most likely to hold its next layer's experts instead of its top-1 rank")
@@ -86,6 +92,8 @@ def run_place(args) -> int:
     options = SolveOptions(solver=SolverKind.parse(args.solver), time_limit=args.time_limit, seed=args.seed,
                            restarts=args.restarts, rounds=args.rounds, progress=_progress())
     solved = solve(stats, cluster, options)
+    if args.refine:
+        solved = _refine(fit, solved, stats, args)
     solver = dict(solved.solver)
     predictor = None
     if fit.has_token_ids:
@@ -151,6 +159,15 @@ def run_simulate(args) -> int:
                "rows": rows}
     _print(args, summary, rows, {"path": str(args.trace), "tokens": evaluate.num_tokens})
     return 0
+
+
+def _refine(fit: RoutingTrace, solved: Placement, stats, args) -> Placement:
+    """The exact swap refinement, with the surrogate objective (and its gap to the bound) recomputed."""
+    refined = refine_placement(fit, solved, anchored=args.anchors and fit.top_k > 1, time_limit=args.time_limit)
+    value, bound = objective(stats, refined.expert_to_gpu_LE, solved.cluster), solved.objective["upper_bound"]
+    surrogate = {**solved.objective, "value": value, "gap": (bound - value) / bound if bound > 0 else 0.0,
+                 "per_token": value / max(stats.num_tokens, 1)}
+    return dataclasses.replace(refined, objective=surrogate)
 
 
 def _ours(placement: Placement) -> dict[str, Placement]:

@@ -187,3 +187,17 @@ def test_place_writes_an_anchor_table_that_simulate_applies(tmp_path, flame_enco
                        "-o", tmp_path / "g.json", "--no-anchors", *FAST], capsys)
     assert rc == 0 and Placement.load(tmp_path / "g.json").anchors is None
     assert not (tmp_path / "g.anchors.npz").exists()
+
+
+def test_place_refine_lowers_fit_transfers(tmp_path, flame_encoder_trace_path, capsys):
+    out_json = tmp_path / "r.json"
+    rc, out, _ = _run(["place", "--trace", flame_encoder_trace_path, "--gpus-per-node", 8, "--held-out", 0.4,
+                       "-o", out_json, "--json", "--refine", *FAST], capsys)
+    assert rc == 0
+    placement = Placement.load(out_json)
+    info = placement.solver["refine"]
+    assert info["anchored"] and info["fit_tokens"] == 1229 and info["swaps"] > 0
+    assert info["fit_transfers_after"] < info["fit_transfers_before"]
+    summary = json.loads(out)
+    assert summary["objective"]["value"] <= summary["objective"]["upper_bound"]
+    assert placement.anchors is not None
