@@ -4,21 +4,25 @@ Shapes: T tokens, P (token, next token-layer) pairs, L MoE layers, K top-k, E ex
 
 The solvers maximise a pairwise surrogate (stats.py). Coherent traffic is not pairwise: a decode token at layer
 l with expert ranks R_l, starting on rank c_l, costs |R_l \\ {c_l}| dispatch + |R_l| - 1 combine transfers, and
-with the top-1 anchor rule c_{l+1} = r_1(l). So, exactly (simulate.py, every token a decode token),
+it is anchored on the rank of one of its experts, its lead expert, so c_{l+1} = rank of lead(l). So, exactly
+(simulate.py, every token a decode token),
 
     transfers = sum over (t, l) of  2 |R_l| - 1 - [c_l in R_l]
 
     placement + fit trace --> sweep the layers; at layer l, with every other layer fixed:
-        cnt_TG (experts of each token per GPU), start ranks c_T, next-layer ranks of each token's top-1 successor
+        cnt_TG (experts of each token per GPU), start ranks c_T, next-layer ranks of each token's successor
         --> exact change of the transfers for EVERY pair swap (i on GPU a, j on GPU b), in matrix form:
             tokens with i (not j): |R| loses a if i was alone there, gains b if b was empty; [c in R] likewise
-            tokens with both: unchanged;  tokens whose top-1 is i or j: their next start moves between a and b
+            tokens with both: unchanged;  tokens led by i or j: their next start moves between a and b
         --> apply the best swap while it saves at least one transfer; a changed layer dirties its neighbours
     --> the placement with the fewest fit transfers found (capacity per GPU unchanged)
+    rounds: lead = the top-1 expert, or (anchored) the expert whose rank the anchor table fitted to the current
+    placement picks; refit the table, re-pick the leads, sweep again (a lead is fixed within a round)
 
 Layer 0 starts where the simulator starts it: the home rank, or, for a decode token that follows one of its
-sequence in the trace, the top-1 rank of that token's last layer (so the last layer's swaps count it too).
-The anchor table (anchor.py) is fitted afterwards, on the refined placement.
+sequence in the trace, the lead rank of that token's last layer (so the last layer's swaps count it too).
+The final anchor table (anchor.py) is fitted afterwards, on the refined placement. The fit transfers recorded
+in ``solver["refine"]`` are under the top-1 rule and with an anchor table fitted to each, before and after.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def refine_placement(trace: RoutingTrace, placement: Placement, *, anchored: boo
     G, p_LE = placement.num_gpus, placement.expert_to_gpu_LE.copy()
     deadline = wall0 + time_limit
     before = coherent_transfers(trace, p_LE, G)
+    before_table = coherent_transfers(trace, p_LE, G, _table_leads(trace, p_LE, G))
     swaps = sweeps = rounds_run = 0
     for _ in range(rounds if anchored else 1):
         if time.perf_counter() > deadline:
@@ -76,7 +81,9 @@ def refine_placement(trace: RoutingTrace, placement: Placement, *, anchored: boo
         if not round_swaps:
             break
     info = {"anchored": anchored, "fit_transfers_before": before, "fit_transfers_after": coherent_transfers(
-                trace, p_LE, G), "rounds": rounds_run, "swaps": swaps, "sweeps": sweeps,
+                trace, p_LE, G), "fit_transfers_with_table_before": before_table,
+            "fit_transfers_with_table_after": coherent_transfers(trace, p_LE, G, _table_leads(trace, p_LE, G)),
+            "rounds": rounds_run, "swaps": swaps, "sweeps": sweeps,
             "time_s": round(time.perf_counter() - wall0, 3), "fit_tokens": trace.num_tokens}
     solver = {**{k: v for k, v in placement.solver.items() if k != "anchors"}, "refine": info}
     return Placement(p_LE, placement.cluster, solver, placement.objective, placement.trace)

@@ -197,7 +197,7 @@ def test_place_refine_lowers_fit_transfers(tmp_path, flame_encoder_trace_path, c
     placement = Placement.load(out_json)
     info = placement.solver["refine"]
     assert info["anchored"] and info["fit_tokens"] == 1229 and info["swaps"] > 0
-    assert info["fit_transfers_after"] < info["fit_transfers_before"]
+    assert info["fit_transfers_with_table_after"] < info["fit_transfers_with_table_before"]
     summary = json.loads(out)
     assert summary["objective"]["value"] <= summary["objective"]["upper_bound"]
     assert placement.anchors is not None

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from placement import ClusterShape, Placement, RoutingTrace
+from placement.anchor import fit_anchor_table
 from placement.refine import _Routing, coherent_transfers, refine_placement
 from placement.simulate import Strategy, simulate
 
@@ -65,4 +66,10 @@ def test_refinement_lowers_fit_transfers_and_keeps_capacity():
     r = _Routing(trace, 4)
     assert all(r.swap_deltas(refined.expert_to_gpu_LE, l).min() > -0.5 for l in range(3))
     anchored = refine_placement(trace, placement, anchored=True)
-    assert anchored.solver["refine"]["anchored"] and anchored.anchors is None
+    info = anchored.solver["refine"]
+    assert info["anchored"] and anchored.anchors is None
+    for name, p in (("before", placement), ("after", anchored)):   # a table fitted to each, as simulate applies it
+        table = fit_anchor_table(trace, p.expert_to_gpu_LE, 4)
+        assert info[f"fit_transfers_with_table_{name}"] == simulate(trace, p.with_anchors(table),
+                                                                    Strategy.COHERENT).transfers
+    assert info["fit_transfers_with_table_after"] < info["fit_transfers_with_table_before"]
