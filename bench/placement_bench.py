@@ -395,6 +395,10 @@ def markdown(results: dict) -> str:
             cc, ct = cv["chosen_coherent"], cv["chosen_top1"]
             md += [f"Chosen: coherent (slot_decay {cc['slot_decay']}, coact_weight {cc['coact_weight']}); "
                    f"top-1 (slot_decay {ct['slot_decay']}, coact_weight {ct['coact_weight']}).", ""]
+            md += ["The same with the CLI (the anchor table is written beside the placement and used by `epserve "
+                   "simulate` and the runtime): `epserve place --trace " + FLAME.name + " --gpus-per-node 8 "
+                   f"--held-out 0.4 --slot-decay {cc['slot_decay']} --coact-weight {cc['coact_weight']} --refine "
+                   "--rounds 300 -o placement.json`", ""]
             if cv.get("chosen_coherent_seeds"):
                 seeds = cv["chosen_coherent_seeds"]
                 md += ["The chosen coherent weights (+refine+anchors) with other solver seeds, held out: " +
