@@ -6,8 +6,9 @@
 
 Policies (DESIGN.md traffic model): where a token starts a step, and which rank is its anchor a.
   two_a2a              start = home, a = home (the rank holding it): dispatch + combine every MoE layer
-  coherent             decode: start = where its previous token was sampled, a = rank of its top-1 expert;
-                       prefill: as two_a2a. With top-1 routing and no prefill in the step: no combine at all.
+  coherent             decode: start = where its previous token was sampled, a = rank of its top-1 expert,
+                       or the r_k an anchor table scores highest (placement/anchor.py); prefill: as
+                       two_a2a. With top-1 routing and no prefill in the step: no combine at all.
   speculative          as coherent, but a decode token starts on the predictor's confident rank
   speculative_two_a2a  as two_a2a; new requests go to the home rank their prompt is predicted to use most
 
@@ -27,7 +28,7 @@ import torch
 
 from comm.counters import CollKind
 from comm.primitives import Collectives
-from comm.route_plan import CombinePlan, expert_ranks_NK, plan_combine, plan_dispatch
+from comm.route_plan import CombinePlan, expert_ranks_NK, plan_combine, plan_dispatch, table_anchor_N
 from comm.wire import dispatch_codec
 from placement.errors import InputError
 from comm.strategy import Strategy
@@ -70,7 +71,7 @@ class Dispatcher:
     replicated_kv = False
 
     def __init__(self, coll: Collectives, expert_to_rank_LE: torch.Tensor, *, top_k: int, hidden_size: int,
-                 dtype: torch.dtype, predictor=None, check_splits: bool = False) -> None:
+                 dtype: torch.dtype, predictor=None, anchors=None, check_splits: bool = False) -> None:
         G = coll.world_size
         if expert_to_rank_LE.ndim != 2 or int(expert_to_rank_LE.max()) >= G or int(expert_to_rank_LE.min()) < 0:
             raise InputError(f"expert_to_rank must be a [layers, experts] table of ranks in [0, {G})")
@@ -80,6 +81,11 @@ class Dispatcher:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.predictor = predictor
+        self.anchor_score_LEG = None          # int64 [L, E, G] (an AnchorTable's scores), or the top-1 rule
+        if anchors is not None:
+            anchors.check_fits(self.expert_to_rank_LE.cpu().numpy(), G)
+            self.anchor_score_LEG = torch.as_tensor(anchors.score_LEG, dtype=torch.long,
+                                                    device=coll.topology.device)
         self.check_splits = check_splits
         self.codec = dispatch_codec(hidden_size, top_k, dtype)
         self.payload_row_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
@@ -92,7 +98,8 @@ class Dispatcher:
         else -1."""
         return home_T.copy()
 
-    def anchor_N(self, rank_NK: torch.Tensor, is_prefill_N: torch.Tensor) -> torch.Tensor:
+    def anchor_N(self, rank_NK: torch.Tensor, topk_ids_NK: torch.Tensor, is_prefill_N: torch.Tensor, *,
+                 layer: int) -> torch.Tensor:
         return torch.full((rank_NK.shape[0],), self.coll.rank, dtype=torch.long, device=rank_NK.device)
 
     def needs_combine(self, *, step_has_prefill: bool) -> bool:
@@ -110,7 +117,7 @@ class Dispatcher:
         coll, me, G = self.coll, self.coll.rank, self.coll.world_size
         dev = x_ND.device
         rank_NK = expert_ranks_NK(self.expert_to_rank_LE[layer], topk_ids_NK)
-        anchor_N = self.anchor_N(rank_NK, is_prefill_N)
+        anchor_N = self.anchor_N(rank_NK, topk_ids_NK, is_prefill_N, layer=layer)
         if not bool(((anchor_N[:, None] == rank_NK).any(1) | (anchor_N == me)).all()):
             raise RuntimeError(f"layer {layer}: an anchor rank holds neither the token nor one of its experts")
         plan = plan_dispatch(rank_NK, token_N, me=me, world_size=G)
@@ -182,8 +189,10 @@ class CoherentDispatcher(Dispatcher):
     def start_ranks_T(self, *, home_T, prev_rank_T, is_prefill_T, token_ids_T):
         return np.where(is_prefill_T | (prev_rank_T < 0), home_T, prev_rank_T)
 
-    def anchor_N(self, rank_NK, is_prefill_N):
-        return torch.where(is_prefill_N, torch.full_like(rank_NK[:, 0], self.coll.rank), rank_NK[:, 0])
+    def anchor_N(self, rank_NK, topk_ids_NK, is_prefill_N, *, layer):
+        decode_N = rank_NK[:, 0] if self.anchor_score_LEG is None else \
+            table_anchor_N(self.anchor_score_LEG[layer], topk_ids_NK, rank_NK)
+        return torch.where(is_prefill_N, torch.full_like(rank_NK[:, 0], self.coll.rank), decode_N)
 
     def needs_combine(self, *, step_has_prefill):
         return self.top_k > 1 or step_has_prefill
@@ -212,10 +221,11 @@ _DISPATCHERS = {cls.strategy: cls for cls in
 
 
 def make_dispatcher(strategy: Strategy, coll: Collectives, expert_to_rank_LE: torch.Tensor, *, top_k: int,
-                    hidden_size: int, dtype: torch.dtype, predictor=None, check_splits: bool = False) -> Dispatcher:
-    """The one place a strategy is turned into behaviour."""
+                    hidden_size: int, dtype: torch.dtype, predictor=None, anchors=None,
+                    check_splits: bool = False) -> Dispatcher:
+    """The one place a strategy is turned into behaviour. ``anchors``: an AnchorTable (coherent strategies)."""
     if strategy.needs_predictor and predictor is None:
         raise InputError(f"strategy {strategy.value} needs a predictor (build one with the placement tools from "
                          f"a trace with vocabulary ids)")
     return _DISPATCHERS[strategy](coll, expert_to_rank_LE, top_k=top_k, hidden_size=hidden_size, dtype=dtype,
-                                  predictor=predictor, check_splits=check_splits)
+                                  predictor=predictor, anchors=anchors, check_splits=check_splits)

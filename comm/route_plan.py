@@ -37,6 +37,15 @@ def expert_ranks_NK(expert_to_rank_E: torch.Tensor, topk_ids_NK: torch.Tensor) -
     return expert_to_rank_E[topk_ids_NK.long()]
 
 
+def table_anchor_N(score_EG: torch.Tensor, topk_ids_NK: torch.Tensor, rank_NK: torch.Tensor) -> torch.Tensor:
+    """[N] anchor rank by an anchor table (placement/anchor.py ``choose_anchors``, same integers, same rule):
+    the r_k with the largest sum_k' score_EG[e_k', r_k], ties to the smallest k."""
+    K = rank_NK.shape[1]
+    score_NG = score_EG[topk_ids_NK.long()].sum(dim=1)
+    key_NK = score_NG.gather(1, rank_NK) * K + torch.arange(K - 1, -1, -1, device=rank_NK.device)
+    return rank_NK.gather(1, key_NK.argmax(dim=1, keepdim=True))[:, 0]
+
+
 def destinations_NG(rank_NK: torch.Tensor, world_size: int) -> torch.Tensor:
     """[N, G] bool: rank g serves at least one of the token's experts (deduplicated per destination)."""
     mask_NG = torch.zeros(rank_NK.shape[0], world_size, dtype=torch.bool, device=rank_NK.device)

@@ -1,6 +1,8 @@
 """``epserve place`` and ``epserve simulate``: the offline placement tool.
 
-    place:    trace --split (--held-out)--> fit --stats--> solve (progress on stderr) --> placement.json
+    place:    trace --split (--held-out)--> fit --stats--> solve (progress on stderr)
+              [--refine: exact swaps against coherent transfers on the fit part] --> placement.json
+              (+ <stem>.anchors.npz for top-k > 1: the coherent anchor table, fitted on the fit part)
               (+ <stem>.predictor.npz when the fit trace has vocabulary ids)
               --> table: ours vs contiguous vs round_robin on the held-out part (else the fit trace)
     simulate: trace + placement.json (+ predictor) --> table for the chosen strategies, same comparison
@@ -11,14 +13,17 @@ Every input is read and checked before anything is written; bad input is an Inpu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+from placement.anchor import fit_anchor_table
 from placement.cluster import ClusterShape
 from placement.errors import InputError, TraceError
 from placement.placement import Placement
+from placement.refine import refine_placement
 from placement.predictor import PredictorOptions, SpeculativePredictor
 from placement.report import comparison_rows, file_sha256, format_table
 from placement.simulate import SimOptions, Strategy
@@ -43,6 +48,12 @@ def register(subparsers) -> None:
     place.add_argument("--coact-weight", type=float, default=StatsOptions().coact_weight)
     place.add_argument("--intra-node-cost", type=float, default=1.0)
     place.add_argument("--inter-node-cost", type=float, default=4.0)
+    place.add_argument("--refine", action="store_true",
+                       help="after solving, swap experts to lower the coherent strategy's exact transfers on the "
+                            "fit tokens (the surrogate objective is pairwise; this counts distinct ranks)")
+    place.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
+                       help="fit a coherent anchor table (top-k > 1; default on): sum each token on the expert "
+                            "rank most likely to hold its next layer's experts instead of its top-1 rank")
     _common(place)
     place.add_argument("-o", "--output", required=True, help="placement JSON to write")
     place.set_defaults(func=run_place)
@@ -81,13 +92,19 @@ def run_place(args) -> int:
     options = SolveOptions(solver=SolverKind.parse(args.solver), time_limit=args.time_limit, seed=args.seed,
                            restarts=args.restarts, rounds=args.rounds, progress=_progress())
     solved = solve(stats, cluster, options)
+    if args.refine:
+        solved = _refine(fit, solved, stats, args)
     solver = dict(solved.solver)
     predictor = None
     if fit.has_token_ids:
         predictor = SpeculativePredictor.build(fit, solved, PredictorOptions())
         solver["predictor"] = out.with_name(out.stem + ".predictor.npz").name
+    anchors = None
+    if args.anchors and fit.top_k > 1:
+        anchors = fit_anchor_table(fit, solved.expert_to_gpu_LE, cluster.num_gpus)
+        solver["anchors"] = out.with_name(out.stem + ".anchors.npz").name
     placement = Placement(solved.expert_to_gpu_LE, cluster, solver, solved.objective,
-                          _provenance(args.trace, trace, fit, args.held_out))
+                          _provenance(args.trace, trace, fit, args.held_out), anchors)
     if predictor is not None:
         predictor.save(out.with_name(solver["predictor"]))
     placement.save(out)
@@ -95,10 +112,10 @@ def run_place(args) -> int:
     baselines = {kind.value: solve(stats, cluster, SolveOptions(solver=kind))
                  for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)}
     bound = placement.objective["upper_bound"]   # one instance: the best bound holds for every row
-    objectives = {"ours": (placement.objective["value"], bound),
+    objectives = {**{k: (placement.objective["value"], bound) for k in _ours(placement)},
                   **{k: (p.objective["value"], bound) for k, p in baselines.items()}}
     strategies = [Strategy.TWO_A2A, Strategy.COHERENT] + ([Strategy.SPECULATIVE] if predictor else [])
-    rows = comparison_rows(evaluate, {"ours": placement, **baselines}, strategies, objectives=objectives,
+    rows = comparison_rows(evaluate, {**_ours(placement), **baselines}, strategies, objectives=objectives,
                            predictor=predictor)
     summary = {"output": str(out), "solver": placement.solver, "objective": placement.objective,
                "trace": placement.trace, "evaluated_on": _evaluated_on(args.held_out, evaluate), "rows": rows}
@@ -128,7 +145,7 @@ def run_simulate(args) -> int:
     options = SimOptions(hidden_size=args.hidden_size, dtype_bytes=args.dtype_bytes)
     cluster = placement.cluster
     stats = compute_stats(evaluate, StatsOptions(**placement.objective.get("surrogate", {})))
-    placements = {"ours": placement, **{kind.value: solve(stats, cluster, SolveOptions(solver=kind))
+    placements = {**_ours(placement), **{kind.value: solve(stats, cluster, SolveOptions(solver=kind))
                                         for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)}}
     bound = objective_upper_bound(stats, cluster)
     objectives = {name: (objective(stats, p.expert_to_gpu_LE, cluster), bound) for name, p in placements.items()}
@@ -142,6 +159,22 @@ def run_simulate(args) -> int:
                "rows": rows}
     _print(args, summary, rows, {"path": str(args.trace), "tokens": evaluate.num_tokens})
     return 0
+
+
+def _refine(fit: RoutingTrace, solved: Placement, stats, args) -> Placement:
+    """The exact swap refinement, with the surrogate objective (and its gap to the bound) recomputed."""
+    refined = refine_placement(fit, solved, anchored=args.anchors and fit.top_k > 1, time_limit=args.time_limit)
+    value, bound = objective(stats, refined.expert_to_gpu_LE, solved.cluster), solved.objective["upper_bound"]
+    surrogate = {**solved.objective, "value": value, "gap": (bound - value) / bound if bound > 0 else 0.0,
+                 "per_token": value / max(stats.num_tokens, 1)}
+    return dataclasses.replace(refined, objective=surrogate)
+
+
+def _ours(placement: Placement) -> dict[str, Placement]:
+    """Our placement, and (when it has an anchor table) the same without it: what the table saves."""
+    if placement.anchors is None:
+        return {"ours": placement}
+    return {"ours": placement, "ours_top1_anchor": placement.with_anchors(None)}
 
 
 def _split(trace: RoutingTrace, held_out: float | None) -> tuple[RoutingTrace, RoutingTrace]:
@@ -188,7 +221,8 @@ def _print(args, summary: dict, rows: list[dict], trace_info: dict) -> None:
         s, o = summary["solver"], summary["objective"]
         print(f"wrote {summary['output']}: solver {s['name']} ({s['status']}), {s['time_s']:.1f} s wall, "
               f"{s['cpu_s']:.1f} s CPU; objective {o['value']:.1f}, upper bound {o['upper_bound']:.1f}, "
-              f"gap {o['gap']:.2%}" + (f"; predictor {s['predictor']}" if "predictor" in s else ""))
+              f"gap {o['gap']:.2%}" + (f"; predictor {s['predictor']}" if "predictor" in s else "") +
+              (f"; anchor table {s['anchors']}" if "anchors" in s else ""))
     print(f"traffic on {summary['evaluated_on']} of {trace_info['path']}:")
     print(format_table(rows))
     if "objective_note" in summary:

@@ -9,16 +9,22 @@ JSON (DESIGN.md "Data formats")::
 
 Version 1 holds one copy of each expert and the same number of experts on every GPU in every layer.
 Replicated experts (a list of GPUs per expert) are a planned extension; such files are refused by name.
+
+An optional anchor table (placement/anchor.py: where coherent tokens are summed and live) is saved beside the
+JSON as ``<stem>.anchors.npz`` and named by ``solver["anchors"]``; ``load`` reads it back. Without one the
+anchor is the rank of the top-1 expert.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from placement.anchor import AnchorTable
 from placement.cluster import ClusterShape
 from placement.errors import InputError, PlacementError
 
@@ -32,6 +38,7 @@ class Placement:
     solver: dict = field(default_factory=dict)
     objective: dict = field(default_factory=dict)
     trace: dict = field(default_factory=dict)
+    anchors: AnchorTable | None = None    # coherent anchor rule; None: the top-1 expert's rank
 
     def __post_init__(self) -> None:
         arr = self.expert_to_gpu_LE
@@ -58,6 +65,11 @@ class Placement:
             raise PlacementError(f"layer {l}: GPU {g} holds {int(count_LG[l, g])} experts, every GPU must hold "
                                  f"{E // G} (= {E} experts / {G} GPUs)")
         object.__setattr__(self, "expert_to_gpu_LE", arr.astype(np.int64, copy=False))
+        if self.anchors is not None:
+            self.anchors.check_fits(self.expert_to_gpu_LE, G)
+
+    def with_anchors(self, anchors: AnchorTable | None) -> "Placement":
+        return dataclasses.replace(self, anchors=anchors)
 
     # ---- shape -------------------------------------------------------------------------------------------
     @property
@@ -93,9 +105,15 @@ class Placement:
                 "solver": self.solver, "objective": self.objective, "trace": self.trace}
 
     def save(self, path: str | Path) -> None:
+        """Write the JSON (and the anchor table beside it as ``<stem>.anchors.npz``, named in ``solver``)."""
         path = Path(path)
+        d = self.to_dict()
+        d["solver"] = {k: v for k, v in self.solver.items() if k != "anchors"}
+        if self.anchors is not None:
+            d["solver"]["anchors"] = path.with_name(path.stem + ".anchors.npz").name
+            self.anchors.save(path.with_name(d["solver"]["anchors"]))
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.write_text(json.dumps(d, indent=1) + "\n")
         tmp.replace(path)
 
     @classmethod
@@ -140,7 +158,16 @@ class Placement:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlacementError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(d)
+        placement = cls.from_dict(d)
+        name = placement.solver.get("anchors")
+        if name is None:
+            return placement
+        if not isinstance(name, str) or Path(name).name != name:
+            raise PlacementError(f"{path}: solver.anchors must be a file name beside the placement, got {name!r}")
+        try:
+            return placement.with_anchors(AnchorTable.load(path.with_name(name)))
+        except PlacementError as exc:
+            raise PlacementError(f"{path}: {exc}") from None
 
 
 def contiguous_placement(num_layers: int, num_experts: int, cluster: ClusterShape) -> Placement:

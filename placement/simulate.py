@@ -22,7 +22,8 @@ expert outputs are summed and where it lives after layer l):
     cross-node transfers: those whose source and destination ranks lie on different nodes.
 - two_a2a (baseline, DeepSpeed-MoE style): c = a = home rank h at every layer. 2 all-to-all calls per layer.
 - coherent (ExFlow): decode tokens: a = r_1 (the rank of the highest-weight expert; every rank in R gives
-  the same combine count |R|-1, ties go to the largest router weight). At the start of a decode step the
+  the same combine count |R|-1, ties go to the largest router weight), or, when the placement carries an
+  anchor table, the r_k the table scores highest (placement/anchor.py; ties to the smallest k). At the start of a decode step the
   token is on the rank where its previous token was sampled, i.e. the final anchor (last MoE layer) of the
   same sequence's previous position; if that previous position is not a decode token (first decode token
   after prefill, or absent from the trace), it starts on its home rank. For l > 0, c = the anchor of l-1.
@@ -207,12 +208,13 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
         start_T = home_T.copy()
         chained_T = (prev_T >= 0) & ~prefill_T
         chained_T[chained_T] = ~prefill_T[prev_T[chained_T]]
-        start_T[chained_T] = top1_TL[prev_T[chained_T], L - 1]
+        anchor_TL = top1_TL.copy() if placement.anchors is None else \
+            placement.anchors.anchors_TL(trace.experts_TLK, ranks_TLK)
+        start_T[chained_T] = anchor_TL[prev_T[chained_T], L - 1]
         if strategy is Strategy.SPECULATIVE:
             rank_T, confident_T = predictor.predict_start_ranks(trace.token_ids_T)
             start_T = np.where(confident_T, rank_T, start_T)
-        pos_TL = np.concatenate([start_T[:, None], top1_TL[:, :-1]], axis=1)
-        anchor_TL = top1_TL.copy()
+        pos_TL = np.concatenate([start_T[:, None], anchor_TL[:, :-1]], axis=1)
         pos_TL[prefill_T] = home_T[prefill_T, None]
         anchor_TL[prefill_T] = home_T[prefill_T, None]
     else:

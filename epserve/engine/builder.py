@@ -64,7 +64,7 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
     dispatcher = make_dispatcher(strategy, coll, torch.as_tensor(placement.expert_to_gpu_LE), top_k=config.top_k,
                                  hidden_size=config.hidden_size, dtype=dtype,
                                  predictor=load_predictor(predictor_path, strategy, placement),
-                                 check_splits=check_splits)
+                                 anchors=placement.anchors, check_splits=check_splits)
     kv = KVStore(KVCacheConfig(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
                                head_dim=config.head_dim, capacity_tokens=kv_cache_tokens, block_size=kv_block_size,
                                dtype=dtype),

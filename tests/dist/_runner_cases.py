@@ -134,6 +134,24 @@ def build_predictor(ckpt: Path, placement: Placement, path: Path) -> Path:
     return path
 
 
+def with_anchor_table(ckpt: Path, placement: Placement, *, seed: int | None = None) -> Placement:
+    """The placement with an anchor table fitted on the one-process routing of the grid's whole sequences
+    (seed None; the last layer's row learns from consecutive positions), or with random integer scores (a
+    seed: the rule then departs from the top-1 rank for many tokens)."""
+    from placement.anchor import AnchorTable, expert_table_digest, fit_anchor_table
+    G, (L, E) = placement.num_gpus, placement.expert_to_gpu_LE.shape
+    if seed is not None:
+        score_LEG = np.random.default_rng(seed).integers(0, 1000, size=(L, E, G))
+        return placement.with_anchors(AnchorTable(score_LEG, expert_table_digest(placement.expert_to_gpu_LE)))
+    tokens, _ = reference(ckpt, PROMPTS, NEW)
+    fed = [list(p) + new[:-1] for p, new in zip(PROMPTS, tokens)]
+    ids_L, w_L = reference_routing(ckpt, fed)
+    trace = RoutingTrace(np.stack(ids_L, axis=1), np.stack(w_L, axis=1), E,
+                         seq_ids_T=np.concatenate([np.full(len(f), s, dtype=np.int32) for s, f in enumerate(fed)]),
+                         positions_T=np.concatenate([np.arange(len(f), dtype=np.int32) for f in fed]))
+    return placement.with_anchors(fit_anchor_table(trace, placement.expert_to_gpu_LE, G))
+
+
 def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> list[RunCase]:
     """The lossless grid for G ranks (``models``: name -> checkpoint dir, see tests/dist/conftest.py)."""
     cases = []
@@ -157,6 +175,16 @@ def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> li
                 cases.append(RunCase(f"{name}/{strategy.value}/solved", ckpt, strategy, PROMPTS, NEW,
                                      placements["solved"], record=True, predictor_path=predictor))
     top2, top1 = models["mixtral_top2"], models["mixtral_top1"]
+    if G > 1:   # anchor tables (coherent strategies): fitted on the solved placement, random on a random one
+        cfg = ModelConfig.from_dir(top2)
+        fitted = with_anchor_table(top2, solved_placement(top2, G, gpus_per_node))
+        random = with_anchor_table(top2, random_placement(cfg.num_moe_layers, cfg.num_experts, G, seed=G), seed=G)
+        cases.append(RunCase("mixtral_top2/coherent/solved+anchors", top2, Strategy.COHERENT, PROMPTS, NEW, fitted,
+                             record=True))
+        cases.append(RunCase("mixtral_top2/coherent/random+random_anchors", top2, Strategy.COHERENT, PROMPTS, NEW,
+                             random, record=True))
+        cases.append(RunCase("mixtral_top2/coherent/chunked+staggered+random_anchors", top2, Strategy.COHERENT,
+                             PROMPTS, NEW, random, prefill_chunk=3, stagger=2))
     for strategy in STRATEGIES:
         # mixed steps: chunked prefill of later requests beside decode of earlier ones
         cases.append(RunCase(f"mixtral_top2/{strategy.value}/chunked+staggered", top2, strategy, PROMPTS, NEW,

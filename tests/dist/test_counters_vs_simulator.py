@@ -5,6 +5,8 @@ and data all-to-all calls (coherent with top-1 routing: exactly one per MoE laye
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -21,14 +23,14 @@ from tests.dist._grid import GPUS_PER_NODE
 @pytest.mark.parametrize("G", [2, 4])
 def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
     grid, per_rank = dist_grid(G)
-    checked = speculative = moved = 0
+    checked = speculative = moved = anchored = anchor_moved = 0
     for i, case in enumerate(grid.runner):
         if not case.record or case.stagger or case.prefill_chunk:
             continue
         cfg = ModelConfig.from_dir(case.ckpt)
         cluster = ClusterShape(nodes=G // GPUS_PER_NODE[G], gpus_per_node=GPUS_PER_NODE[G])
         placement = case.placement or contiguous_placement(cfg.num_moe_layers, cfg.num_experts, cluster)
-        placement = type(placement)(placement.expert_to_gpu_LE, cluster)
+        placement = dataclasses.replace(placement, cluster=cluster)   # keeps its anchor table
         res0 = per_rank[0]["runner"][i]
         predictor = None if case.predictor_path is None else SpeculativePredictor.load(case.predictor_path)
         sim = simulate(res0["trace"], placement, case.strategy, prefill_T=res0["is_prefill"], predictor=predictor,
@@ -51,4 +53,9 @@ def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
             base = simulate(res0["trace"], placement, plain, prefill_T=res0["is_prefill"])
             speculative += 1
             moved += not np.array_equal(base.dispatch_L, sim.dispatch_L)
-    assert checked >= 14 and speculative >= 4 and moved >= 2
+        if placement.anchors is not None:   # the table must really have moved sums away from the top-1 rank
+            base = simulate(res0["trace"], placement.with_anchors(None), case.strategy, prefill_T=res0["is_prefill"])
+            anchored += 1
+            anchor_moved += not (np.array_equal(base.dispatch_L, sim.dispatch_L) and
+                                 np.array_equal(base.local_activations_L, sim.local_activations_L))
+    assert checked >= 16 and speculative >= 4 and moved >= 2 and anchored == 2 and anchor_moved >= 1

@@ -161,3 +161,43 @@ def test_speculative_on_an_id_less_trace_is_refused_in_a_real_process(tmp_path, 
     assert bad.returncode == 2
     assert "has no vocabulary ids (token_ids): the speculative strategies need them" in bad.stderr
     assert "Traceback" not in bad.stderr and bad.stdout == ""
+
+
+def test_place_writes_an_anchor_table_that_simulate_applies(tmp_path, flame_encoder_trace_path, capsys):
+    """top-6 FLAME routing, 8 GPUs, held out 40%: the table is written beside the placement, loaded back by
+    simulate, and on held-out tokens it saves coherent transfers against the same placement's top-1 rule."""
+    out_json = tmp_path / "f.json"
+    rc, out, _ = _run(["place", "--trace", flame_encoder_trace_path, "--gpus-per-node", 8, "--held-out", 0.4,
+                       "-o", out_json, "--json", *FAST], capsys)
+    assert rc == 0
+    assert json.loads(out_json.read_text())["solver"]["anchors"] == "f.anchors.npz"
+    placement = Placement.load(out_json)
+    assert placement.anchors.shape == (8, 64, 8) and placement.anchors.meta["fit_tokens"] == 1229
+    rows = {(r["placement"], r["strategy"]): r for r in json.loads(out)["rows"]}
+    table, top1 = rows[("ours", "coherent")], rows[("ours_top1_anchor", "coherent")]
+    assert table["combine"] == top1["combine"]            # the anchor is always one of the token's expert ranks
+    assert table["dispatch"] < top1["dispatch"] - 400      # 462 here: 0.07 per token-layer (819 x 8 held out)
+    assert rows[("ours", "two_a2a")]["transfers"] == rows[("ours_top1_anchor", "two_a2a")]["transfers"]
+    rc, out, _ = _run(["simulate", "--trace", flame_encoder_trace_path, "--placement", out_json,
+                       "--held-out", 0.4, "--json"], capsys)
+    sim_rows = {(r["placement"], r["strategy"]): r for r in json.loads(out)["rows"]}
+    assert sim_rows[("ours", "coherent")]["transfers"] == table["transfers"]
+    assert sim_rows[("ours_top1_anchor", "coherent")]["transfers"] == top1["transfers"]
+    rc, out, _ = _run(["place", "--trace", flame_encoder_trace_path, "--gpus-per-node", 8, "--held-out", 0.4,
+                       "-o", tmp_path / "g.json", "--no-anchors", *FAST], capsys)
+    assert rc == 0 and Placement.load(tmp_path / "g.json").anchors is None
+    assert not (tmp_path / "g.anchors.npz").exists()
+
+
+def test_place_refine_lowers_fit_transfers(tmp_path, flame_encoder_trace_path, capsys):
+    out_json = tmp_path / "r.json"
+    rc, out, _ = _run(["place", "--trace", flame_encoder_trace_path, "--gpus-per-node", 8, "--held-out", 0.4,
+                       "-o", out_json, "--json", "--refine", *FAST], capsys)
+    assert rc == 0
+    placement = Placement.load(out_json)
+    info = placement.solver["refine"]
+    assert info["anchored"] and info["fit_tokens"] == 1229 and info["swaps"] > 0
+    assert info["fit_transfers_with_table_after"] < info["fit_transfers_with_table_before"]
+    summary = json.loads(out)
+    assert summary["objective"]["value"] <= summary["objective"]["upper_bound"]
+    assert placement.anchors is not None

@@ -1,0 +1,162 @@
+"""Anchor tables: on which of its expert ranks a coherent token's top-k partial outputs are summed.
+
+Shapes: T tokens, N tokens of one layer, L MoE layers, K experts per token (top-k), E experts, G GPUs (= EP ranks).
+
+    fit trace + placement --fit_anchor_table--> AnchorTable(score_LEG: int32 [L, E, G])
+    routing of one layer [N, K] + ranks [N, K] + score_EG --choose_anchors--> anchor rank per token [N]
+    (comm/route_plan.py ``table_anchor_N`` is the torch twin; a test holds them equal)
+
+The rule (binding: simulator and runtime use exactly this). A decode token at MoE layer l picks experts
+e_1..e_K (router-weight order) on ranks r_1..r_K. Each candidate rank gets the integer score
+``score(r) = sum_k score_LEG[l, e_k, r]``; the anchor is the r_k with the largest score(r_k), ties to the
+smallest k (so an all-zero layer gives r_1, the rank of the top-1 expert: the rule without a table). The
+anchor is always one of the token's expert ranks, so the combine costs |R| - 1 transfers whichever is chosen;
+what the choice changes is where the token starts layer l+1, which saves a dispatch transfer when that rank is
+among its next experts' ranks. It never changes outputs: only where the sum happens and where the token lives.
+
+Fit (naive Bayes over the token's K experts, in integers so that every rank computes the same choice): with
+p(e, r) = P(r in R_{l+1} | e in topk_l) and q(r) = P(r in R_{l+1}) counted on the fit tokens (R_{l+1}: the ranks of
+the token's experts at layer l+1; add-one smoothing),
+``score_LEG[l, e, r] = round(SCALE * (logit p(e, r) - (K - 1) / K * logit q(r)))``, whose sum over the K experts is
+the log-odds of r in R_{l+1} under independence. The last layer's row predicts the first MoE layer of the same
+sequence's next position (decode: the token after it starts where this one was anchored); it stays zero when
+the trace has no sequences.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from placement.errors import InputError, PlacementError
+
+FORMAT_VERSION = 1
+SCALE = 1000            # log-odds in thousandths
+MAX_ABS_SCORE = 1 << 24   # sums over K experts stay exact in int64 (and in float32 nowhere: integers only)
+SMOOTHING = 1.0           # add-one: an expert never seen gets p = 1/2
+
+
+def expert_table_digest(expert_to_gpu_LE: np.ndarray) -> str:
+    """sha256 of an expert -> GPU table: ties an anchor table to the placement it was fitted for."""
+    return hashlib.sha256(np.ascontiguousarray(expert_to_gpu_LE, dtype=np.int64).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class AnchorTable:
+    score_LEG: np.ndarray           # int32 [L, E, G]: integer score of rank g for a token with expert e at l
+    placement_sha256: str           # expert_table_digest of the placement it was fitted for
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = self.score_LEG
+        if not isinstance(s, np.ndarray) or s.ndim != 3 or not np.issubdtype(s.dtype, np.integer):
+            raise PlacementError(f"anchor scores must be an integer [layers, experts, gpus] array, got "
+                                 f"{getattr(s, 'dtype', type(s).__name__)} {getattr(s, 'shape', None)}")
+        if s.size and np.abs(s.astype(np.int64)).max() > MAX_ABS_SCORE:
+            raise PlacementError(f"anchor scores must lie in [-{MAX_ABS_SCORE}, {MAX_ABS_SCORE}], got "
+                                 f"[{s.min()}, {s.max()}]")
+        object.__setattr__(self, "score_LEG", s.astype(np.int32, copy=False))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.score_LEG.shape)
+
+    def check_fits(self, expert_to_gpu_LE: np.ndarray, num_gpus: int) -> None:
+        L, E = expert_to_gpu_LE.shape
+        if self.shape != (L, E, num_gpus):
+            raise PlacementError(f"anchor table is for {self.shape[0]} layers x {self.shape[1]} experts x "
+                                 f"{self.shape[2]} GPUs, the placement has {L} x {E} x {num_gpus}")
+        if self.placement_sha256 != expert_table_digest(expert_to_gpu_LE):
+            raise PlacementError("anchor table was fitted for a different placement (expert -> GPU table "
+                                 "digest differs); refit it with epserve place")
+
+    # ---- the rule ----------------------------------------------------------------------------------------
+    def anchors_TL(self, experts_TLK: np.ndarray, ranks_TLK: np.ndarray) -> np.ndarray:
+        """[T, L] anchor rank of every token-layer (decode rule; the simulator applies prefill itself)."""
+        return np.stack([choose_anchors(self.score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l])
+                         for l in range(ranks_TLK.shape[1])], axis=1)
+
+    # ---- files -------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        header = {"format": "epserve-anchor-table", "version": FORMAT_VERSION,
+                  "placement_sha256": self.placement_sha256, "meta": self.meta}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, header=np.array(json.dumps(header)), score=self.score_LEG)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AnchorTable":
+        path = Path(path)
+        if not path.is_file():
+            raise PlacementError(f"anchor table file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise PlacementError(f"{path}: not a readable anchor table .npz ({exc})") from None
+        if "header" not in data or "score" not in data:
+            raise PlacementError(f"{path}: not an anchor table (needs 'header' and 'score')")
+        try:
+            header = json.loads(str(data["header"]))
+            if header.get("format") != "epserve-anchor-table" or header.get("version") != FORMAT_VERSION:
+                raise PlacementError(f"{path}: anchor table format {header.get('format')!r} version "
+                                     f"{header.get('version')!r} is not supported (expected version {FORMAT_VERSION})")
+            return cls(data["score"], str(header["placement_sha256"]), dict(header.get("meta") or {}))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise PlacementError(f"{path}: bad anchor table header ({exc})") from None
+
+
+def choose_anchors(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndarray) -> np.ndarray:
+    """[N] anchor rank per token: the r_k with the largest sum_k' score_EG[e_k', r_k], ties to the smallest k."""
+    k_N = anchor_slots(score_EG, experts_NK, ranks_NK)
+    return ranks_NK[np.arange(len(k_N)), k_N].astype(np.int64)
+
+
+def anchor_slots(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndarray) -> np.ndarray:
+    """[N] the slot k whose rank ``choose_anchors`` picks."""
+    K = ranks_NK.shape[1]
+    score_NG = score_EG[experts_NK.astype(np.int64)].astype(np.int64).sum(axis=1)
+    cand_NK = np.take_along_axis(score_NG, ranks_NK.astype(np.int64), axis=1)
+    key_NK = cand_NK * K + (K - 1 - np.arange(K))        # unique per row: ties to the smallest k
+    return np.argmax(key_NK, axis=1)
+
+
+def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int) -> AnchorTable:
+    """Fit the scores on ``trace`` (a RoutingTrace: the fit part only) for this expert -> GPU table."""
+    from placement.simulate import sequence_order   # simulate uses this module: import where needed
+    experts_TLK = trace.experts_TLK.astype(np.int64)
+    T, L, K = experts_TLK.shape
+    E, G = expert_to_gpu_LE.shape[1], num_gpus
+    if expert_to_gpu_LE.shape[0] != L:
+        raise InputError(f"trace has {L} MoE layers, the placement {expert_to_gpu_LE.shape[0]}")
+    ranks_TLK = expert_to_gpu_LE[np.arange(L)[None, :, None], experts_TLK]
+    member_TLG = np.zeros((T, L, G), dtype=np.float64)
+    np.put_along_axis(member_TLG, ranks_TLK, 1.0, axis=2)
+    score_LEG = np.zeros((L, E, G), dtype=np.int32)
+    for l in range(L - 1):
+        score_LEG[l] = _scores(experts_TLK[:, l], member_TLG[:, l + 1], E)
+    _, _, prev_T = sequence_order(trace)
+    chained_T = np.flatnonzero(prev_T >= 0)
+    if len(chained_T):
+        score_LEG[L - 1] = _scores(experts_TLK[prev_T[chained_T], L - 1], member_TLG[chained_T, 0], E)
+    meta = {"fit_tokens": int(T), "chained_tokens": int(len(chained_T)), "scale": SCALE}
+    return AnchorTable(score_LEG, expert_table_digest(expert_to_gpu_LE), meta)
+
+
+def _scores(experts_NK: np.ndarray, next_member_NG: np.ndarray, E: int) -> np.ndarray:
+    """[E, G] round(SCALE * (logit p(e, g) - (K - 1) / K * logit q(g))) (module docstring), add-one smoothing."""
+    N, K = experts_NK.shape
+    onehot_NE = np.zeros((N, E))
+    np.put_along_axis(onehot_NE, experts_NK, 1.0, axis=1)
+    hits_EG = onehot_NE.T @ next_member_NG
+    seen_E = onehot_NE.sum(axis=0)
+    p_EG = (hits_EG + SMOOTHING) / (seen_E[:, None] + 2 * SMOOTHING)
+    q_G = (next_member_NG.sum(axis=0) + SMOOTHING) / (N + 2 * SMOOTHING)
+    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    return np.rint(SCALE * (logit(p_EG) - (K - 1) / K * logit(q_G)[None, :])).astype(np.int32)
