@@ -28,7 +28,7 @@ CHAT = [{"role": "user", "content": "sort a list"}]
 
 # (ranks, strategy, solved placement?)
 CONFIGS = [(2, "two_a2a", False), (2, "coherent", True), (2, "speculative", True),
-           (4, "two_a2a", True), (4, "coherent", True), (4, "speculative", True)]
+           (4, "two_a2a", True), (4, "coherent", True), (4, "speculative", True), (4, "speculative_two_a2a", True)]
 
 
 def _finish(ref: list[int], max_tokens: int) -> str:
