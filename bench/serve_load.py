@@ -198,6 +198,7 @@ def server_figures(url: str) -> dict:
             "transfers_per_token_layer": sum(l["transfers"] for l in layers) / token_layers if acts else None,
             "a2a_bytes": int(sum(l["a2a_bytes"] for l in layers)),
             "a2a_bytes_per_token_layer": sum(l["a2a_bytes"] for l in layers) / token_layers if acts else None,
+            "kv_bytes_per_token_layer": sum(l["kv_bytes"] for l in layers) / token_layers if acts else None,
             "a2a_calls": int(sum(l["a2a_calls"] for l in layers)), "token_layers": token_layers,
             "imbalance_mean": float(np.mean([l["imbalance"] for l in layers])) if layers else None}
 
@@ -247,6 +248,9 @@ def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
             r[f"{key}_vs_base"] = r[key] / base[key] if base[key] else float("nan")
         b, t = base["server"]["transfers_per_token_layer"], r["server"]["transfers_per_token_layer"]
         r["transfers_vs_base"] = t / b if b else float("nan")
+        b, t = (x["server"]["a2a_bytes_per_token_layer"] + x["server"]["kv_bytes_per_token_layer"]
+                for x in (base, r))
+        r["total_bytes_vs_base"] = t / b if b else float("nan")
     return rows
 
 
@@ -256,8 +260,8 @@ def write_report(out: Path, result: dict) -> None:
     lines = [f"# Serving benchmark: epserve serve, {s['ranks']} gloo ranks, default model", "", s["summary"], "",
              "| config | req/s (vs base) | out tok/s (vs base) | out tok/s each round | TTFT p50 / p99 ms | "
              "TPOT p50 / p99 ms | LAR | transfers/token-layer (vs base) | a2a B/token-layer | a2a MB total | "
-             "same text as base |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "K/V copy B/token-layer | a2a + K/V B/token-layer (vs base) | same text as base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         f = r["server"]
         each_round = ", ".join(f"{x['output_tokens_per_s']:.0f}" for x in r["per_round"])
@@ -267,13 +271,19 @@ def write_report(out: Path, result: dict) -> None:
                      f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['tpot_ms_p50']:.1f} / "
                      f"{r['tpot_ms_p99']:.1f} | {f['lar']:.3f} | {f['transfers_per_token_layer']:.3f} "
                      f"({r['transfers_vs_base']:.3f}) | {f['a2a_bytes_per_token_layer']:.0f} | "
-                     f"{f['a2a_bytes'] / 1e6:.1f} | {r['same_text_as_base']} |")
+                     f"{f['a2a_bytes'] / 1e6:.1f} | {f['kv_bytes_per_token_layer']:.0f} | "
+                     f"{f['a2a_bytes_per_token_layer'] + f['kv_bytes_per_token_layer']:.0f} "
+                     f"({r['total_bytes_vs_base']:.3f}) | {r['same_text_as_base']} |")
     failed = sum(r["failed"] for r in result["rows"])
     lines += ["", f"Requests failed: {failed}. Placement: {s['placement_note']}", "",
               "Reading: the `each round` column shows how much the speed of one config moves between rounds on "
               "this shared 2-core machine; speed differences between configs smaller than that spread are not "
               "measurable here. The traffic columns (LAR, transfers, bytes) are counted, not timed: they are what "
-              "the placement and the strategy change.", ""]
+              "the placement and the strategy change. Coherent strategies also copy every new token's K and V "
+              "to every other rank (the replicated context): the K/V column. With this model a token's K/V of "
+              "one layer (2 KV heads x 32 x 2 x 4 B = 512 B) is as wide as its hidden state (128 x 4 B), so "
+              "3 copies cost more than the hidden-state transfers saved; for models whose KV is narrow "
+              "against the hidden size (GQA with few KV heads) the balance differs.", ""]
     (out / "serve_load.md").write_text("\n".join(lines) + "\n")
 
 

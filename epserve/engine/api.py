@@ -97,6 +97,8 @@ class LayerTraffic:
     activations: int          # (token, expert) choices made by the router
     local_activations: int    # ... whose expert was on the token's current rank
     expert_load: tuple[int, ...]   # activations per expert
+    kv_bytes: int = 0         # K/V copies sent by all ranks for the attention layers up to this MoE layer
+                              # (coherent strategies replicate every sequence's context on every rank)
 
     @property
     def lar(self) -> float:

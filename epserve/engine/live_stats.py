@@ -4,10 +4,11 @@
         expert_load_LE[m] += count of each expert id  local_L[m] += #(expert's rank == this rank)
         (device tensors, no host sync on the hot path)
     a plan with ``stats=True`` (every rank, after the step; collective on the CPU group):
-        vector_X = [per layer: a2a calls, a2a payload bytes, transfers (CommCounters) | local | load_E]
+        vector_X = [per layer: a2a calls, a2a payload bytes, transfers, K/V copy bytes (CommCounters) | local
+                    | load_E]
         --all_gather_into_tensor--> [G, X] --sum over ranks (calls: the same on every rank)--> LayerTraffic[L]
 
-Legend: L MoE layers, E experts, G ranks, N tokens routed here, K top-k, X = L * (4 + E).
+Legend: L MoE layers, E experts, G ranks, N tokens routed here, K top-k, X = L * (5 + E).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from comm.topology import EPTopology
 from epserve.engine.api import LayerTraffic
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_COUNTER_COLS = 4   # calls, payload bytes, transfers, local activations
+_COUNTER_COLS = 5   # calls, payload bytes, transfers, K/V copy bytes, local activations
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class LiveStats:
         local_L = self.local_L.cpu().tolist()
         for m in range(self.num_layers):
             a2a = counters.total(CollKind.ALL_TO_ALL, layer=m)
-            rows.append(torch.tensor([a2a.calls, a2a.payload_bytes, a2a.rows, local_L[m]], dtype=torch.int64))
+            kv = counters.total(CollKind.KV_COHERENCE, layer=m)
+            rows.append(torch.tensor([a2a.calls, a2a.payload_bytes, a2a.rows, kv.payload_bytes, local_L[m]],
+                                     dtype=torch.int64))
         head = torch.stack(rows) if rows else torch.zeros(0, _COUNTER_COLS, dtype=torch.int64)
         return torch.cat([head, self.expert_load_LE.cpu()], dim=1).reshape(-1)
 
@@ -77,7 +80,7 @@ class LiveStats:
         load_LE = sum_LC[:, _COUNTER_COLS:]
         layers = tuple(LayerTraffic(moe_layer=m, a2a_calls=int(calls_GL[0, m]), a2a_bytes=int(sum_LC[m, 1]),
                                     transfers=int(sum_LC[m, 2]), activations=int(load_LE[m].sum()),
-                                    local_activations=int(sum_LC[m, 3]),
+                                    kv_bytes=int(sum_LC[m, 3]), local_activations=int(sum_LC[m, 4]),
                                     expert_load=tuple(load_LE[m].tolist()))
                        for m in range(self.num_layers))
         rank_LE = self.expert_to_rank_LE.cpu()

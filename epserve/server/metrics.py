@@ -2,7 +2,7 @@
 
     server events (request done, tokens in/out, first token, last token) --> counters / histograms
     scrape --> EngineCollector reads engine.snapshot() --> queue depth, running batch, KV, per-MoE-layer
-               all-to-all calls and bytes, transfers, LAR, expert-load imbalance, per-GPU load
+               all-to-all calls and bytes, transfers, K/V copy bytes, LAR, expert-load imbalance, per-GPU load
 
 Names start with ``epserve_``; per-layer series carry a ``moe_layer`` label.
 """
@@ -59,6 +59,8 @@ def _layer_families(snap):
         "epserve_a2a_calls": ("all-to-all calls per MoE layer (per rank)", lambda t: t.a2a_calls),
         "epserve_a2a_bytes": ("bytes sent by all ranks in all-to-alls per MoE layer", lambda t: t.a2a_bytes),
         "epserve_transfers": ("hidden-state vectors sent between ranks per MoE layer", lambda t: t.transfers),
+        "epserve_kv_coherence_bytes": ("K/V copies sent by all ranks for the attention layers up to each MoE "
+                                       "layer (coherent strategies)", lambda t: t.kv_bytes),
         "epserve_activations": ("router (token, expert) choices per MoE layer", lambda t: t.activations),
         "epserve_local_activations": ("activations whose expert was on the token's rank",
                                       lambda t: t.local_activations),

@@ -119,6 +119,9 @@ def test_snapshot_traffic_equals_counters_and_trace(engine_runs, engine_ckpt):
             assert layer.moe_layer == m
             assert layer.a2a_calls == rank0.data_all_to_all_calls(m), f"G={G} {case.name} layer {m}"
             assert (layer.a2a_bytes, layer.transfers) == (a2a.payload_bytes, a2a.rows), f"G={G} {case.name}"
+            kv = merged.total(CollKind.KV_COHERENCE, layer=m)
+            assert layer.kv_bytes == kv.payload_bytes, f"G={G} {case.name} layer {m}"
+            assert (layer.kv_bytes > 0) == (G > 1 and case.strategy.coherent), f"G={G} {case.name} layer {m}"
             assert layer.activations == T * K, f"G={G} {case.name} layer {m}"
             want_load = np.bincount(trace.experts_TLK[:, m].ravel(), minlength=E)
             assert layer.expert_load == tuple(want_load.tolist()), f"G={G} {case.name} layer {m}"

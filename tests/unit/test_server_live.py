@@ -346,6 +346,7 @@ def test_metrics_has_request_token_latency_and_per_layer_series(live):
         assert samples[f'epserve_local_activation_rate{{moe_layer="{layer}"}}'] == 1.0
         assert samples[f'epserve_a2a_bytes_total{{moe_layer="{layer}"}}'] == 0.0
         assert samples[f'epserve_transfers_total{{moe_layer="{layer}"}}'] == 0.0
+        assert samples[f'epserve_kv_coherence_bytes_total{{moe_layer="{layer}"}}'] == 0.0
         assert samples[f'epserve_activations_total{{moe_layer="{layer}"}}'] > 0
         assert samples[f'epserve_expert_load_imbalance{{moe_layer="{layer}"}}'] >= 1.0
         assert f'epserve_a2a_calls_total{{moe_layer="{layer}"}}' in samples
