@@ -134,6 +134,7 @@ class EngineClient(Protocol):
 
     model_name: str        # served model name (the checkpoint directory's name unless overridden)
     max_model_len: int     # prompt + generated tokens of one sequence
+    max_waiting: int       # requests the waiting queue holds: a batch of more could never be queued whole
     eos_token_ids: tuple[int, ...]
 
     def submit(self, request: GenerationRequest) -> RequestStream:

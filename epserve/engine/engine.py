@@ -159,6 +159,7 @@ class Engine:
                 raise ValueError(f"engine record_trace_path: folder {Path(config.record_trace_path).parent} "
                                  f"does not exist")
         self.model_name, self.max_model_len = config.model_name, config.max_model_len
+        self.max_waiting = config.max_waiting
         self.eos_token_ids = tuple(config.eos_token_ids)
         self.config, self._runner, self._channel, self._on_fatal = config, runner, channel, on_fatal
         self._placement_document = copy.deepcopy(placement_document)

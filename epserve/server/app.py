@@ -111,9 +111,13 @@ class _Server:
             raise errors.model_not_found(name, self.names)
 
     def completion_prompts(self, req: CompletionRequest) -> list[tuple[int, ...]]:
+        prompts, limit = protocol.prompt_list(req.prompt), self.engine.max_waiting
+        if len(prompts) > limit:   # submitted together, they could never all be queued: 503 would never pass
+            raise errors.bad_request(f"prompt: a batch of {len(prompts)} prompts is more than this server queues "
+                                     f"at once; send at most {limit} per request", "prompt", "too_many_prompts")
         out = []
         vocab = self.tokenizer.vocab_size
-        for i, p in enumerate(protocol.prompt_list(req.prompt)):
+        for i, p in enumerate(prompts):
             param = "prompt" if isinstance(req.prompt, str) or all(isinstance(x, int) for x in req.prompt) \
                 else f"prompt[{i}]"
             if isinstance(p, str):

@@ -1,5 +1,5 @@
 """The official ``openai`` client against a real uvicorn server (API key on), the queue-full 503 with Retry-After
-(an engine with max_waiting=1), and an engine that goes down (503, error event, /health 503). Real engines at
+(an engine with max_waiting=2), and an engine that goes down (503, error event, /health 503). Real engines at
 world size 1 on the bundled default model."""
 
 from __future__ import annotations
@@ -100,20 +100,34 @@ def fresh_engine():
     eng.shutdown()
 
 
-def test_queue_full_is_503_with_retry_after_then_serves_again():
-    """max_running_seqs=1, max_waiting=1: of a 3-prompt batch the first runs (or waits), the second waits, the
-    third finds the queue full (the first needs 490 steps before the second can start), so the batch is refused
-    whole and what was submitted is cancelled."""
-    eng = make_engine(max_running_seqs=1, max_waiting=1, retry_after_s=3)
+def test_queue_full_is_503_with_retry_after_and_a_batch_larger_than_the_queue_is_400():
+    """max_running_seqs=1, max_waiting=2. A runs (its first chunk came), B waits: of a 2-prompt batch the first
+    fills the queue and the second finds it full, so the batch is refused whole (503, Retry-After) and its first
+    prompt is cancelled. A 3-prompt batch could never be queued whole: 400 naming ``prompt`` and the limit."""
+    eng = make_engine(max_running_seqs=1, max_waiting=2, retry_after_s=3)
+    assert eng.max_waiting == 2
     srv = LiveServer(eng, ServerConfig(model_dir=MODEL_DIR))
+    one = {**LONG_BODY, "stream": True}
     try:
         with srv.client() as c:
-            r = c.post("/v1/completions", json={**LONG_BODY, "prompt": PROMPTS[:3]})
-            assert r.status_code == 503 and r.headers["retry-after"] == "3"
-            assert r.json()["error"]["code"] == "queue_full" and "queue is full" in r.json()["error"]["message"]
-            wait_for(lambda: idle(eng), "the submitted part of the batch to be cancelled")
-            r = c.post("/v1/completions", json={"model": "default_model", "prompt": "x", "max_tokens": 3})
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+            with c.stream("POST", "/v1/completions", json={**one, "prompt": PROMPTS[0]}) as a:
+                lines = a.iter_lines()   # kept: a dropped iterator closes the connection, which cancels A
+                assert next(lines).startswith("data: ")
+                with c.stream("POST", "/v1/completions", json={**one, "prompt": PROMPTS[1]}) as b:
+                    assert b.status_code == 200 and (eng.snapshot().running, eng.snapshot().waiting) == (1, 1)
+                    r = c.post("/v1/completions", json={**LONG_BODY, "prompt": PROMPTS[2:4]})
+                    assert r.status_code == 503 and r.headers["retry-after"] == "3"
+                    err = r.json()["error"]
+                    assert err["code"] == "queue_full" and "queue is full (2 requests)" in err["message"]
+                    wait_for(lambda: eng.snapshot().waiting == 1, "the batch's queued prompt to be cancelled")
+                    r = c.post("/v1/completions", json={**LONG_BODY, "prompt": PROMPTS[:3]})
+                    assert r.status_code == 400, r.text
+                    err = r.json()["error"]
+                    assert (err["param"], err["code"]) == ("prompt", "too_many_prompts")
+                    assert "batch of 3 prompts" in err["message"] and "at most 2" in err["message"]
+            wait_for(lambda: idle(eng), "the streams' requests to be cancelled")
+            r = c.post("/v1/completions", json={"model": "default_model", "prompt": PROMPTS[:2], "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 2
     finally:
         srv.stop()
         eng.shutdown()
