@@ -48,7 +48,8 @@ class Timing:
 
 
 class TextStream:
-    """One engine request seen as text. ``num_tokens`` counts the generated ids received (usage)."""
+    """One engine request seen as text. ``num_tokens`` counts the generated ids it used (usage): all it
+    received, or with a stop string those up to and including the one that completed it."""
 
     def __init__(self, index: int, stream: RequestStream, tokenizer: Tokenizer, stops: tuple[str, ...], *,
                  arrived: float, on_tokens: Callable[[int], None] = lambda n: None,
@@ -82,14 +83,13 @@ class TextStream:
             self._on_finish(self.timing)
 
     def _step(self, delta: Delta) -> TextEvent | None:
-        text = ""
-        if delta.token_ids:
-            self.timing.add(len(delta.token_ids))
-            self._on_tokens(len(delta.token_ids))
-            text = self._stop.feed(self._detok.add(delta.token_ids))
-            if self._stop.stopped:
-                self.stream.cancel()
-                return TextEvent(self.index, text, finish_reason="stop")
+        text, used = self._text_of(delta.token_ids)
+        if used:
+            self.timing.add(used)
+            self._on_tokens(used)
+        if self._stop.stopped:
+            self.stream.cancel()
+            return TextEvent(self.index, text, finish_reason="stop")
         if delta.finish_reason is None:
             return TextEvent(self.index, text) if text else None
         if delta.finish_reason is FinishReason.ERROR:
@@ -100,6 +100,18 @@ class TextStream:
         if not self._stop.stopped:
             text += self._stop.flush()
         return TextEvent(self.index, text, finish_reason="stop" if self._stop.stopped else delta.finish_reason.value)
+
+    def _text_of(self, token_ids: tuple[int, ...]) -> tuple[str, int]:
+        """The text the new ids add, and how many of them count: fed one by one, so that with a stop string
+        only the ids up to and including the one that completed it count (vLLM's usage rule)."""
+        if not self._stop.active:
+            return self._detok.add(token_ids), len(token_ids)
+        text = ""
+        for n, token in enumerate(token_ids, 1):
+            text += self._stop.feed(self._detok.add((token,)))
+            if self._stop.stopped:
+                return text, n
+        return text, len(token_ids)
 
 
 async def merge(streams: list[TextStream]) -> AsyncIterator[TextEvent]:

@@ -187,6 +187,11 @@ class StopMatcher:
         self._pending = ""
         self.stopped = False
 
+    @property
+    def active(self) -> bool:
+        """Whether there are stop strings to look for."""
+        return bool(self._stops)
+
     def feed(self, text: str) -> str:
         if self.stopped:
             return ""

@@ -215,18 +215,23 @@ def test_chat_streaming(live):
 
 
 def test_stop_string_cuts_the_text_and_cancels(live, tok, reference, engine):
-    full = tok.decode(reference(tok.encode("def "), 16))   # " #  #  #  0x1,     #  0x00"
+    ref = reference(tok.encode("def "), 16)
+    full = tok.decode(ref)   # " #  #  #  0x1,     #  0x00"
     cut = full.index("0x")
+    need = next(n for n in range(len(ref)) if "0x" in tok.decode(ref[:n]))   # ids through the one ending "0x"
+    assert need == 8
     body = {"model": "default_model", "prompt": "def ", "max_tokens": 16, "temperature": 0, "stop": ["0x", "zz"]}
     with live.client() as c:
         r = c.post("/v1/completions", json=body)
-        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        with c.stream("POST", "/v1/completions",
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
             events = sse_events(s)
     choice = r.json()["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == (full[:cut], "stop")
-    assert r.json()["usage"]["completion_tokens"] < 16
-    assert "".join(ev["choices"][0]["text"] for ev in events[:-1]) == full[:cut]
-    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert r.json()["usage"]["completion_tokens"] == need
+    assert "".join(ev["choices"][0]["text"] for ev in events[:-2]) == full[:cut]
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    assert events[-2]["usage"]["completion_tokens"] == need
     wait_for(lambda: engine.snapshot().running == 0, "the stopped request to leave the batch")
 
 

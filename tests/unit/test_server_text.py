@@ -3,11 +3,14 @@ strings (OpenAI semantics: the text is cut before the stop string; a possible pa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
 import pytest
 
+from epserve.engine.api import Delta, FinishReason
+from epserve.server.streaming import TextEvent, TextStream
 from epserve.server.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher, Tokenizer
 from tests.conftest import REPO_ROOT
 
@@ -158,3 +161,48 @@ def test_stop_matcher_drops_everything_after_stop():
 def test_stop_matcher_refuses_empty_stop():
     with pytest.raises(ValueError, match="empty"):
         StopMatcher(["ok", ""])
+
+
+class FixedStream:
+    """A RequestStream that hands out the given Deltas (TextStream without an engine)."""
+
+    request_id, num_prompt_tokens = "r", 1
+
+    def __init__(self, deltas: list[Delta]) -> None:
+        self.deltas, self.cancelled = deltas, False
+
+    async def _iterate(self):
+        for delta in self.deltas:
+            yield delta
+
+    def __aiter__(self):
+        return self._iterate()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def run_text_stream(ours, chunks, stops) -> tuple[TextStream, list[TextEvent]]:
+    deltas = [Delta(tuple(c)) for c in chunks] + [Delta(finish_reason=FinishReason.LENGTH)]
+    stream = TextStream(0, FixedStream(deltas), ours, stops, arrived=0.0)
+
+    async def events():
+        return [e async for e in stream.events()]
+
+    return stream, asyncio.run(events())
+
+
+def test_text_stream_counts_the_ids_up_to_the_one_that_completed_the_stop_string(ours):
+    ids = ours.encode(" #  #  #  0x1, 2, 3", add_special_tokens=False)
+    text = ours.decode(ids)
+    need = next(n for n in range(1, len(ids) + 1) if "0x" in ours.decode(ids[:n]))
+    assert 1 < need < len(ids) - 2
+    # one delta with every id, the stop string split across two deltas, one id per delta
+    for chunks in ([ids], [ids[:need - 1], ids[need - 1:]], [[t] for t in ids]):
+        stream, events = run_text_stream(ours, chunks, ("0x",))
+        assert "".join(e.text for e in events) == text[:text.index("0x")]
+        assert events[-1].finish_reason == "stop" and stream.stream.cancelled
+        assert stream.num_tokens == need == stream.timing.tokens
+    stream, events = run_text_stream(ours, [ids[:3], ids[3:]], ())
+    assert "".join(e.text for e in events) == text and events[-1].finish_reason == "length"
+    assert stream.num_tokens == len(ids) and not stream.stream.cancelled
