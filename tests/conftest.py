@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "epserve" / "assets" / "default_model"
 
 
 def shared_traces_dir() -> Path | None:
@@ -55,3 +56,43 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): a tiny model
+    runs fastest so, and far slower on two threads when the cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled default model's tokenizer, as the server makes ids and text (epserve.server.text.Tokenizer)."""
+    from epserve.server.text import Tokenizer
+
+    return Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def greedy_reference():
+    """``(prompt ids, n, eos=True) -> ids``: the bundled default model's ``greedy_reference`` (stopping at its
+    engine eos ids unless ``eos`` is False), memoised."""
+    from epserve.engine.engine import EngineConfig
+    from epserve.model.loader import load_model
+
+    model, _ = load_model(DEFAULT_MODEL_DIR)
+    eos_ids = EngineConfig.from_model_dir(DEFAULT_MODEL_DIR).eos_token_ids
+    cache: dict = {}
+
+    def greedy(ids, max_new: int, eos: bool = True) -> list[int]:
+        key = (tuple(ids), max_new, eos)
+        if key not in cache:
+            cache[key] = model.greedy_reference([list(ids)], max_new, eos_token_ids=eos_ids if eos else ())[0]
+        return cache[key]
+
+    return greedy

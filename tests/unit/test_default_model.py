@@ -33,13 +33,7 @@ EXPECTED_DEF_IDS = [300, 226, 300, 226, 300, 226, 334, 93, 22, 17, 263, 300, 226
 EXPECTED_DEF_TEXT = " #  #  #  0x1,     #  0x00"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model runs fastest on one thread, and far slower on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ---- shipped files ----------------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ import httpx
 import pytest
 
 from epserve.server import ServerConfig
-from tests.unit.test_server_live import (CHAT, LONG_BODY, MODEL_DIR, PROMPTS, LiveServer, idle, make_engine,
-                                         one_thread, reference, tok, wait_for)
+from tests.unit._live_server import CHAT, LONG_BODY, MODEL_DIR, PROMPTS, LiveServer, idle, make_engine, wait_for
 
-__all__ = ["one_thread", "reference", "tok"]   # fixtures shared with test_server_live
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 KEY = "sk-test-123"
 
 
@@ -54,20 +53,20 @@ def test_api_key_is_required_on_v1(keyed):
                       headers={"Authorization": f"Bearer {KEY}"}).status_code == 404   # served under its alias
 
 
-def test_openai_client_completions_batch_and_models(client, tok, reference):
+def test_openai_client_completions_batch_and_models(client, tokenizer, greedy_reference):
     assert [m.id for m in client.models.list().data] == ["epserve-tiny"]
     out = client.completions.create(model="epserve-tiny", prompt=PROMPTS[:3], max_tokens=10, temperature=0)
     assert [c.index for c in out.choices] == [0, 1, 2]
     for prompt, choice in zip(PROMPTS, out.choices):
-        assert choice.text == tok.decode(reference(tok.encode(prompt), 10))
+        assert choice.text == tokenizer.decode(greedy_reference(tokenizer.encode(prompt), 10))
     single = client.completions.create(model="epserve-tiny", prompt=PROMPTS[0], max_tokens=10)   # default T=0
     assert single.choices[0].text == out.choices[0].text
-    assert single.usage.completion_tokens == len(reference(tok.encode(PROMPTS[0]), 10))
+    assert single.usage.completion_tokens == len(greedy_reference(tokenizer.encode(PROMPTS[0]), 10))
 
 
-def test_openai_client_chat_and_streaming(client, tok, reference):
+def test_openai_client_chat_and_streaming(client, tokenizer, greedy_reference):
     chat = client.chat.completions.create(model="epserve-tiny", messages=CHAT, max_tokens=16, temperature=0)
-    expected = tok.decode(reference(tok.encode_chat(CHAT), 16))
+    expected = tokenizer.decode(greedy_reference(tokenizer.encode_chat(CHAT), 16))
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == expected
     stream = client.chat.completions.create(model="epserve-tiny", messages=CHAT, max_tokens=16, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
@@ -78,7 +77,7 @@ def test_openai_client_chat_and_streaming(client, tok, reference):
     for c in client.completions.create(model="epserve-tiny", prompt=PROMPTS[:2], max_tokens=8, temperature=0,
                                        stream=True):
         texts[c.choices[0].index] += c.choices[0].text
-    assert texts == [tok.decode(reference(tok.encode(p), 8)) for p in PROMPTS[:2]]
+    assert texts == [tokenizer.decode(greedy_reference(tokenizer.encode(p), 8)) for p in PROMPTS[:2]]
 
 
 def test_openai_client_sees_errors(client):

@@ -6,71 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-import time
 
 import httpx
 import pytest
-import torch
-import uvicorn
 
-from comm.strategy import Strategy
-from comm.topology import EPTopology
-from epserve.engine.builder import build_runner
-from epserve.engine.engine import EngineConfig, start_engine
-from epserve.model.loader import load_model
-from epserve.server import ServerConfig, create_app
-from epserve.server.text import Tokenizer
-from tests.conftest import REPO_ROOT
+from epserve.server import ServerConfig
+from tests.unit._live_server import (CHAT, LONG_BODY, LONG_TOKENS, MODEL_DIR, PROMPTS, LiveServer, idle,
+                                     make_engine, sse_events, wait_for)
 
-MODEL_DIR = REPO_ROOT / "epserve" / "assets" / "default_model"
-PROMPTS = ["def ", "import os\n", "class Stack:\n    def push(self, x):", "for i in range(10):"]
-CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "sort a list"}]
-
-
-class LiveServer:
-    """uvicorn serving create_app(engine, config) on 127.0.0.1:<free port>, in a daemon thread."""
-
-    def __init__(self, engine, config: ServerConfig) -> None:
-        self.engine = engine
-        self.app = create_app(engine, config)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, "uvicorn to start")
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.base, timeout=60, **kw)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def wait_for(cond, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def make_engine(*, kv_cache_tokens: int = 4096, **overrides):
-    runner = build_runner(MODEL_DIR, EPTopology.single(), strategy=Strategy.TWO_A2A, kv_cache_tokens=kv_cache_tokens)
-    return start_engine(runner, EngineConfig.from_model_dir(MODEL_DIR, stats_min_interval_s=0.0, **overrides))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -87,27 +31,6 @@ def live(engine):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.from_dir(MODEL_DIR)
-
-
-@pytest.fixture(scope="module")
-def reference(engine):
-    """greedy_reference(prompt ids, n, eos ids), memoised."""
-    model, _ = load_model(MODEL_DIR)
-    cache = {}
-
-    def ref(ids, max_new: int, eos=True) -> list[int]:
-        key = (tuple(ids), max_new, eos)
-        if key not in cache:
-            cache[key] = model.greedy_reference([list(ids)], max_new,
-                                                eos_token_ids=engine.eos_token_ids if eos else ())[0]
-        return cache[key]
-
-    return ref
-
-
 def first_with(value, key):
     """``value`` when it holds ``key`` (a non-empty entry for a dict), else None (for wait_for)."""
     if isinstance(value, dict):
@@ -119,18 +42,9 @@ def finish_of(ref_ids, max_new, eos_ids) -> str:
     return "stop" if ref_ids and ref_ids[-1] in eos_ids and len(ref_ids) <= max_new else "length"
 
 
-def sse_events(response) -> list:
-    out = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
 # ---------------------------------------------------------------- generation equals the reference
 
-def test_completions_batch_equals_greedy_reference(live, tok, reference, engine):
+def test_completions_batch_equals_greedy_reference(live, tokenizer, greedy_reference, engine):
     with live.client() as c:
         r = c.post("/v1/completions", json={"model": engine.model_name, "prompt": PROMPTS, "max_tokens": 12,
                                             "temperature": 0})
@@ -140,38 +54,38 @@ def test_completions_batch_equals_greedy_reference(live, tok, reference, engine)
     assert [ch["index"] for ch in body["choices"]] == list(range(len(PROMPTS)))
     total = 0
     for prompt, choice in zip(PROMPTS, body["choices"]):
-        ref = reference(tok.encode(prompt), 12)
+        ref = greedy_reference(tokenizer.encode(prompt), 12)
         total += len(ref)
-        assert choice["text"] == tok.decode(ref)
+        assert choice["text"] == tokenizer.decode(ref)
         assert choice["finish_reason"] == finish_of(ref, 12, engine.eos_token_ids)
-    assert body["usage"] == {"prompt_tokens": sum(len(tok.encode(p)) for p in PROMPTS),
+    assert body["usage"] == {"prompt_tokens": sum(len(tokenizer.encode(p)) for p in PROMPTS),
                              "completion_tokens": total, "total_tokens": body["usage"]["prompt_tokens"] + total}
     # the shipped model's pinned greedy continuation of "def " (tests/unit/test_default_model.py)
     assert body["choices"][0]["text"][:10] == " #  #  #  "
 
 
-def test_token_id_prompts_and_ignore_eos(live, tok, reference, engine):
-    ids = [tok.encode(p) for p in PROMPTS[:2]]
+def test_token_id_prompts_and_ignore_eos(live, tokenizer, greedy_reference, engine):
+    ids = [tokenizer.encode(p) for p in PROMPTS[:2]]
     with live.client() as c:
         r = c.post("/v1/completions", json={"model": "default_model", "prompt": ids, "max_tokens": 40,
                                             "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text
     for p, choice in zip(ids, r.json()["choices"]):
-        assert choice["text"] == tok.decode(reference(p, 40, eos=False))
+        assert choice["text"] == tokenizer.decode(greedy_reference(p, 40, eos=False))
         assert choice["finish_reason"] == "length"
     assert r.json()["usage"]["completion_tokens"] == 80
 
 
-def test_chat_completion_equals_reference(live, tok, reference):
+def test_chat_completion_equals_reference(live, tokenizer, greedy_reference):
     with live.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "default_model", "messages": CHAT,
                                                  "max_completion_tokens": 24, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
-    ref = reference(tok.encode_chat(CHAT), 24)
+    ref = greedy_reference(tokenizer.encode_chat(CHAT), 24)
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": tok.decode(ref)}
-    assert body["usage"]["prompt_tokens"] == len(tok.encode_chat(CHAT))
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": tokenizer.decode(ref)}
+    assert body["usage"]["prompt_tokens"] == len(tokenizer.encode_chat(CHAT))
     assert body["usage"]["completion_tokens"] == len(ref)
 
 
@@ -214,11 +128,11 @@ def test_chat_streaming(live):
     assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
 
-def test_stop_string_cuts_the_text_and_cancels(live, tok, reference, engine):
-    ref = reference(tok.encode("def "), 16)
-    full = tok.decode(ref)   # " #  #  #  0x1,     #  0x00"
+def test_stop_string_cuts_the_text_and_cancels(live, tokenizer, greedy_reference, engine):
+    ref = greedy_reference(tokenizer.encode("def "), 16)
+    full = tokenizer.decode(ref)   # " #  #  #  0x1,     #  0x00"
     cut = full.index("0x")
-    need = next(n for n in range(len(ref)) if "0x" in tok.decode(ref[:n]))   # ids through the one ending "0x"
+    need = next(n for n in range(len(ref)) if "0x" in tokenizer.decode(ref[:n]))   # ids through the one ending "0x"
     assert need == 8
     body = {"model": "default_model", "prompt": "def ", "max_tokens": 16, "temperature": 0, "stop": ["0x", "zz"]}
     with live.client() as c:
@@ -235,7 +149,7 @@ def test_stop_string_cuts_the_text_and_cancels(live, tok, reference, engine):
     wait_for(lambda: engine.snapshot().running == 0, "the stopped request to leave the batch")
 
 
-def test_concurrent_clients_all_answered(live, tok, reference):
+def test_concurrent_clients_all_answered(live, tokenizer, greedy_reference):
     async def one(client, i):
         prompt = PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))
         r = await client.post("/v1/completions", json={"model": "default_model", "prompt": prompt,
@@ -248,7 +162,7 @@ def test_concurrent_clients_all_answered(live, tok, reference):
 
     for prompt, r in asyncio.run(main()):
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == tok.decode(reference(tok.encode(prompt), 8))
+        assert r.json()["choices"][0]["text"] == tokenizer.decode(greedy_reference(tokenizer.encode(prompt), 8))
 
 
 # ---------------------------------------------------------------- bad input: 4xx, and the server still serves
@@ -373,16 +287,6 @@ def test_placement_document_and_live_traffic(live):
 
 
 # ---------------------------------------------------------------- disconnects cancel
-
-# Long enough (4 x 490 tokens, at least 490 engine steps) that the engine is still at it when the test acts.
-LONG_BODY = {"model": "default_model", "prompt": PROMPTS, "max_tokens": 490, "temperature": 0, "ignore_eos": True}
-LONG_TOKENS = 4 * 490
-
-
-def idle(engine) -> bool:
-    s = engine.snapshot()
-    return s.running == 0 and s.waiting == 0 and s.kv_used_tokens == 0
-
 
 def test_stream_disconnect_cancels_and_frees_kv(live, engine):
     wait_for(lambda: idle(engine), "an idle engine")

@@ -12,9 +12,8 @@ import pytest
 from epserve.engine.api import Delta, FinishReason
 from epserve.server.streaming import TextEvent, TextStream
 from epserve.server.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher, Tokenizer
-from tests.conftest import REPO_ROOT
+from tests.conftest import DEFAULT_MODEL_DIR as MODEL_DIR
 
-MODEL_DIR = REPO_ROOT / "epserve" / "assets" / "default_model"
 TEXTS = [
     "def main():\n    return 0\n",
     "Héllo wörld — naïve café, 日本語のテキスト, emoji 🤖🎉 and ∑ x² ≤ ∞",
