@@ -49,11 +49,6 @@ class RequestState:
         return self.fed < self.prompt_len
 
     @property
-    def kv_length(self) -> int:
-        """Positions whose K/V the cache holds (the last sampled token is not fed yet)."""
-        return self.fed + max(0, len(self.out) - 1)
-
-    @property
     def stop_ids(self) -> frozenset[int]:
         return frozenset(self.request.extra_stop_token_ids)
 

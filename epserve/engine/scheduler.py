@@ -94,9 +94,6 @@ class Scheduler:
             return [sum(self._homed_blocks)] * self.config.world_size
         return list(self._homed_blocks)
 
-    def live_request_ids(self) -> list[str]:
-        return list(self._live)
-
     # ---- requests in ---------------------------------------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
         """ValueError naming the field when the request can never run on this engine."""

@@ -1,4 +1,4 @@
-"""Rank-side code of the engine tests (tests/dist/test_engine_serving.py, test_engine_rank_death.py).
+"""Rank-side code of the engine tests (tests/dist/test_engine_serving.py, test_engine_liveness.py).
 
     every rank: build_runner(case) --> rank 0: start_engine + an asyncio client (_serve)
                                        ranks > 0: follow(runner) until the shutdown plan
