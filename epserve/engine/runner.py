@@ -183,7 +183,7 @@ class Runner:
         shared_AD = mlp.shared_output(layer.post_attn_norm(anchored.x_AD))
         if shared_AD is not None:
             y_AD = y_AD + shared_AD
-        return _Held(anchored.token_A.cpu(), anchored.x_AD + y_AD)
+        return _Held(anchored.token_A.cpu(), anchored.x_AD + y_AD)   # host sync: token indices are host metadata
 
     def _finish(self, batch: StepBatch, held: _Held, slot_T: torch.Tensor, return_logits: bool) -> StepResult:
         works, dev = batch.plan.work, self.topology.device
@@ -200,7 +200,7 @@ class Runner:
         mine_vec[mine_W] = HERE_UNSAMPLED
         mine_vec[sample_W] = torch.tensor(sampled, dtype=torch.int64)
         mine_vec[W] = len(held.token_N)   # K/V rows of the trailing layers computed here
-        gathered_GW = self.coll.all_gather_rows(mine_vec.to(dev), phase="sampled_ids").cpu()
+        gathered_GW = self.coll.all_gather_rows(mine_vec.to(dev), phase="sampled_ids").cpu()   # host sync
         holder_W = self._holders(gathered_GW[:, :W], batch.plan.step)
         if self.coherence is not None and self._trailing_group is not None:
             self.coherence.launch(self._trailing_group, held.token_N, gathered_GW[:, W].tolist(), slot_T,
