@@ -66,7 +66,7 @@ class _Job:
     prompts: tuple[tuple[int, ...], ...]
     max_tokens: tuple[int, ...]
     sampling: tuple[SamplingParams, ...]     # per prompt: a seed is drawn for each when the client gave none
-    prompt_param: str                        # the request field the prompts came from (errors name it)
+    prompt_params: tuple[str, ...]           # per prompt: the request field it came from (errors name it)
     max_tokens_param: str
     stops: tuple[str, ...]
     ignore_eos: bool
@@ -118,8 +118,7 @@ class _Server:
         out = []
         vocab = self.tokenizer.vocab_size
         for i, p in enumerate(prompts):
-            param = "prompt" if isinstance(req.prompt, str) or all(isinstance(x, int) for x in req.prompt) \
-                else f"prompt[{i}]"
+            param = protocol.prompt_param(req.prompt, i)
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p)
             else:
@@ -170,7 +169,9 @@ class _Server:
         return _Job(rid=protocol.new_id("chatcmpl" if chat else "cmpl"), model=req.model, created=protocol.now(),
                     arrived=arrived, prompts=tuple(prompts),
                     max_tokens=tuple(self.max_tokens_for(asked, p, param) for p in prompts), sampling=sampling,
-                    prompt_param="messages" if chat else "prompt", max_tokens_param=param,
+                    prompt_params=("messages",) if chat else tuple(protocol.prompt_param(req.prompt, i)
+                                                                  for i in range(len(prompts))),
+                    max_tokens_param=param,
                     stops=req.stop_strings(), ignore_eos=req.ignore_eos, stream=req.stream,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
@@ -194,7 +195,8 @@ class _Server:
         except ValueError as exc:
             self._cancel(streams)
             msg = str(exc)   # the engine's messages start with the field: "prompt: ...", "max_tokens: ..."
-            param = {"prompt": job.prompt_param, "max_tokens": job.max_tokens_param}.get(msg.partition(":")[0])
+            failed = len(streams)   # the prompt after those submitted
+            param = {"prompt": job.prompt_params[failed], "max_tokens": job.max_tokens_param}.get(msg.partition(":")[0])
             raise errors.bad_request(msg, param) from None
         return streams
 

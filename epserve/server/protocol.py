@@ -191,6 +191,13 @@ def prompt_list(prompt: PromptT) -> list[str | list[int]]:
     return list(prompt)
 
 
+def prompt_param(prompt: PromptT, index: int) -> str:
+    """The field that holds prompt ``index`` of ``prompt_list(prompt)`` (errors name it): ``prompt[i]`` in a
+    batch, ``prompt`` for a single prompt."""
+    single = isinstance(prompt, str) or all(isinstance(x, int) for x in prompt)
+    return "prompt" if single else f"prompt[{index}]"
+
+
 # ---------------------------------------------------------------- responses
 
 def new_id(prefix: str) -> str:

@@ -144,6 +144,10 @@ def test_request_larger_than_the_kv_cache_is_400_naming_the_field():
                                                      "max_completion_tokens": 300})
             assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
             r = c.post("/v1/completions", json={"model": "default_model", "prompt": [[5] * 200]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[0]"   # a batch of one
+            r = c.post("/v1/completions", json={"model": "default_model", "prompt": [[5], [5] * 200]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"
+            r = c.post("/v1/completions", json={"model": "default_model", "prompt": [5] * 200})
             assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
             assert c.post("/v1/completions", json={"model": "default_model", "prompt": "x",
                                                    "max_tokens": 100}).status_code == 200
