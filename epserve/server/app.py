@@ -213,7 +213,7 @@ class _Server:
             return StreamingResponse(self.sse_body(job, streams, chat=chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, finish = await self.collect(request, streams)
-        use = protocol.usage(sum(s.num_prompt_tokens for s in streams), sum(s.num_tokens for s in streams))
+        use = _usage(streams)
         if chat:
             choices = [protocol.chat_choice(i, texts[i], finish[i]) for i in range(len(streams))]
             return JSONResponse(protocol.chat_response(job.rid, job.model, job.created, choices, use))
@@ -269,8 +269,7 @@ class _Server:
             if event.text or event.finish_reason is not None:
                 yield one(event.index, event.text, event.finish_reason)
         if job.include_usage:
-            use = protocol.usage(sum(s.num_prompt_tokens for s in streams), sum(s.num_tokens for s in streams))
-            yield sse(protocol.chunk(job.rid, obj, job.model, job.created, [], use))
+            yield sse(protocol.chunk(job.rid, obj, job.model, job.created, [], _usage(streams)))
         yield SSE_DONE
 
     # ------------------------------------------------------------ endpoints
@@ -318,6 +317,11 @@ class _Server:
         return JSONResponse({"strategy": snap.strategy, "world_size": snap.world_size,
                              "placement": self.engine.placement_document(), "layers": layers,
                              "gpu_load": [list(row) for row in snap.gpu_load]})
+
+
+def _usage(streams: list[TextStream]) -> dict:
+    """The usage of a finished job, the same in a JSON response and in a stream's last chunk."""
+    return protocol.usage(sum(s.num_prompt_tokens for s in streams), sum(s.num_tokens for s in streams))
 
 
 async def _on_disconnect(request: Request, callback) -> None:
