@@ -7,7 +7,8 @@ import json
 import pytest
 
 from epserve.server.errors import APIError
-from epserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body, prompt_list
+from epserve.server.protocol import (ChatCompletionRequest, CompletionRequest, parse_body, prompt_list,
+                                     prompt_param)
 
 OK_COMPLETION = {"model": "m", "prompt": "hi"}
 OK_CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -130,11 +131,13 @@ def test_good_requests_parse_with_their_values():
     assert chat.max_completion_tokens == 9 and chat.stop_strings() == ("p", "q")
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("abc", ["abc"]),
-    (["a", "b"], ["a", "b"]),
-    ([1, 2, 3], [[1, 2, 3]]),
-    ([[1], [2, 3]], [[1], [2, 3]]),
+@pytest.mark.parametrize("prompt, expected, params", [
+    ("abc", ["abc"], ["prompt"]),
+    (["a", "b"], ["a", "b"], ["prompt[0]", "prompt[1]"]),
+    ([1, 2, 3], [[1, 2, 3]], ["prompt"]),
+    ([[1], [2, 3]], [[1], [2, 3]], ["prompt[0]", "prompt[1]"]),
+    ([[1]], [[1]], ["prompt[0]"]),
 ])
-def test_prompt_list_batch_shapes(prompt, expected):
+def test_prompt_list_batch_shapes_and_the_field_each_prompt_came_from(prompt, expected, params):
     assert prompt_list(prompt) == expected
+    assert [prompt_param(prompt, i) for i in range(len(expected))] == params
