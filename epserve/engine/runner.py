@@ -110,14 +110,19 @@ class Runner:
         return self._finish(batch, held, slot_T, return_logits)
 
     def _slot_T(self, batch: StepBatch, new_slots: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Cache slot of every step token (-1 where this rank does not hold the sequence's KV)."""
         slot_T = torch.full((batch.num_tokens,), -1, dtype=torch.long)
-        for w, work in enumerate(batch.plan.work):
+        start = 0
+        for work in batch.plan.work:   # a work's tokens are contiguous in the step
+            end = start + len(work.token_ids)
             if work.seq_id in new_slots:
-                slot_T[torch.as_tensor(batch.work_T == w)] = new_slots[work.seq_id]
+                slot_T[start:end] = new_slots[work.seq_id]
+            start = end
         return slot_T
 
     def _start(self, batch: StepBatch) -> _Held:
-        prev_T = np.array([self._prev_rank.get(int(s), -1) for s in batch.seq_T], dtype=np.int64)
+        prev_W = np.array([self._prev_rank.get(w.seq_id, -1) for w in batch.plan.work], dtype=np.int64)
+        prev_T = prev_W[batch.work_T]   # one look-up per sequence, not per token (prefill chunks are long)
         start_T = self.dispatcher.start_ranks_T(home_T=batch.home_T, prev_rank_T=prev_T,
                                                 is_prefill_T=batch.is_prefill_T, token_ids_T=batch.token_T)
         token_N = torch.as_tensor(np.flatnonzero(start_T == self.topology.rank), dtype=torch.long)
