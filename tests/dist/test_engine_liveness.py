@@ -1,7 +1,8 @@
 """Liveness over 2 gloo ranks. An engine left idle for longer than the collective timeout keeps its follower
-alive with heartbeat plans, then serves normally. A rank that dies mid-run (os._exit after a few steps, like a crash): the engine on rank 0 ends every open
-stream with an ERROR delta naming the failure, health() turns not-ok, on_fatal is called, and new requests
-are refused with EngineUnavailableError. Every wait is bounded.
+alive with heartbeat plans, then serves normally. A rank that dies mid-run (os._exit after a few steps, like a
+crash): the engine on rank 0 ends every open stream with an ERROR delta naming the failure, health() turns
+not-ok, on_fatal is called, and new requests are refused with EngineUnavailableError. A rank that hangs
+(SIGSTOP): health() says no step finished, and the engine resumes when the rank does. Every wait is bounded.
 
 spawn_ranks stops the whole group as soon as one rank dies, so this test runs its own small harness over the
 same per-rank entry point (comm.spawn._rank_main): it waits for rank 0's result and ignores rank 1's death.
