@@ -76,10 +76,15 @@ class AnchorTable:
                                  "digest differs); refit it with epserve place")
 
     # ---- the rule ----------------------------------------------------------------------------------------
+    def slots_TL(self, experts_TLK: np.ndarray, ranks_TLK: np.ndarray) -> np.ndarray:
+        """[T, L] the slot k of every token-layer whose rank is its anchor (decode rule)."""
+        return np.stack([anchor_slots(self.score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l])
+                         for l in range(ranks_TLK.shape[1])], axis=1)
+
     def anchors_TL(self, experts_TLK: np.ndarray, ranks_TLK: np.ndarray) -> np.ndarray:
         """[T, L] anchor rank of every token-layer (decode rule; the simulator applies prefill itself)."""
-        return np.stack([choose_anchors(self.score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l])
-                         for l in range(ranks_TLK.shape[1])], axis=1)
+        slots_TL = self.slots_TL(experts_TLK, ranks_TLK)
+        return np.take_along_axis(ranks_TLK, slots_TL[..., None], axis=2)[..., 0].astype(np.int64)
 
     # ---- files -------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
