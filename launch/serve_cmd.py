@@ -214,10 +214,8 @@ def _predictor(args, strategy: Strategy, placement: Placement, placement_path: P
     else:
         raise InputError(f"strategy {strategy.value} needs a predictor: pass --predictor, or a --placement "
                          f"written by `epserve place` from a trace with vocabulary ids (it names one)")
-    if not path.is_file():
-        raise InputError(f"predictor file not found: {path}")
     from placement.predictor import SpeculativePredictor
-    SpeculativePredictor.load(path).check_placement(placement)
+    SpeculativePredictor.load(path).check_placement(placement)   # InputError when missing or unreadable
     return path
 
 
