@@ -33,6 +33,8 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from comm.spawn import free_port  # noqa: E402
+from epserve.model.config import ModelConfig  # noqa: E402
+from launch.serve_cmd import default_model_dir  # noqa: E402
 from launch.serve_process import ServeProcess  # noqa: E402
 
 TRACE = ROOT / "bench" / "results" / "default_model_trace.npz"
@@ -127,7 +129,7 @@ def server_figures(url: str) -> dict:
     """The server's own traffic figures (/placement), summed over the MoE layers."""
     time.sleep(2.5)   # the engine gathers its live stats when idle, at most once a second
     doc = httpx.get(f"{url}/placement", timeout=10).json()
-    layers, top_k = doc["layers"], 2
+    layers, top_k = doc["layers"], ModelConfig.from_dir(default_model_dir()).top_k
     acts = sum(l["activations"] for l in layers)
     token_layers = acts / top_k
     return {"lar": sum(l["local_activations"] for l in layers) / acts if acts else None,
