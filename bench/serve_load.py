@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
+
+from comm.spawn import free_port  # noqa: E402
+from epserve.model.config import ModelConfig  # noqa: E402
+from launch.serve_cmd import default_model_dir  # noqa: E402
+from launch.serve_process import ServeProcess  # noqa: E402
 
 TRACE = ROOT / "bench" / "results" / "default_model_trace.npz"
 RANKS = 4
@@ -60,68 +60,6 @@ class Config:
 
 CONFIGS = (Config("two_a2a", False), Config("two_a2a", True), Config("coherent", False), Config("coherent", True),
            Config("speculative", True))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---- the server ---------------------------------------------------------------------------------------------
-class Server:
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--port", str(self.port), *argv],
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.seen: dict[int, psutil.Process] = {}
-
-    def _track(self) -> None:
-        try:
-            root = psutil.Process(self.proc.pid)
-            for p in [root, *root.children(recursive=True)]:
-                self.seen.setdefault(p.pid, p)
-        except psutil.NoSuchProcess:
-            pass
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._track()
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"epserve serve exited with {self.proc.returncode} (log: {self._log.name})")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self._track()
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"epserve serve not ready after {timeout_s:.0f} s (log: {self._log.name})")
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        self._track()
-        code = None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)
-            try:
-                code = self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.seen.values():
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._log.close()
-        return code
 
 
 # ---- the load -----------------------------------------------------------------------------------------------
@@ -191,7 +129,7 @@ def server_figures(url: str) -> dict:
     """The server's own traffic figures (/placement), summed over the MoE layers."""
     time.sleep(2.5)   # the engine gathers its live stats when idle, at most once a second
     doc = httpx.get(f"{url}/placement", timeout=10).json()
-    layers, top_k = doc["layers"], 2
+    layers, top_k = doc["layers"], ModelConfig.from_dir(default_model_dir()).top_k
     acts = sum(l["activations"] for l in layers)
     token_layers = acts / top_k
     return {"lar": sum(l["local_activations"] for l in layers) / acts if acts else None,
@@ -207,7 +145,7 @@ def run_config(cfg: Config, placement: Path, work: Path, args) -> dict:
     argv = ["--nproc-per-node", str(RANKS), "--strategy", cfg.strategy, "--max-running", str(args.clients)]
     if cfg.solved:
         argv += ["--placement", str(placement)]
-    server = Server(argv, work / f"{cfg.name}.log")
+    server = ServeProcess(argv, port=free_port(), log_path=work / f"{cfg.name}.log")
     try:
         t0 = time.perf_counter()
         server.wait_ready(args.ready_timeout)

@@ -37,17 +37,19 @@ def register(subparsers) -> None:
                                   description="Fit an expert placement to a routing trace and compare it with "
                                               "the contiguous and round-robin placements.")
     place.add_argument("--trace", required=True, help="routing trace (.npz, ours or the FLAME layout)")
-    place.add_argument("--nodes", type=int, default=1)
-    place.add_argument("--gpus-per-node", type=int, required=True)
-    place.add_argument("--solver", default="local", choices=[k.value for k in SolverKind])
+    place.add_argument("--nodes", type=int, default=1, help="nodes in the cluster")
+    place.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (EP ranks) per node")
+    place.add_argument("--solver", default="local", choices=[k.value for k in SolverKind], help="placement solver")
     place.add_argument("--time-limit", type=float, default=60.0, help="seconds for the search (default 60)")
-    place.add_argument("--seed", type=int, default=0)
-    place.add_argument("--restarts", type=int, default=4)
+    place.add_argument("--seed", type=int, default=0, help="random seed of the search")
+    place.add_argument("--restarts", type=int, default=4, help="restarts of the search (local)")
     place.add_argument("--rounds", type=int, default=100, help="perturbation rounds per restart (local)")
-    place.add_argument("--slot-decay", type=float, default=StatsOptions().slot_decay)
-    place.add_argument("--coact-weight", type=float, default=StatsOptions().coact_weight)
-    place.add_argument("--intra-node-cost", type=float, default=1.0)
-    place.add_argument("--inter-node-cost", type=float, default=4.0)
+    place.add_argument("--slot-decay", type=float, default=StatsOptions().slot_decay,
+                       help="weight of a pair of choices in slots (s, d) is SLOT_DECAY ** (s + d)")
+    place.add_argument("--coact-weight", type=float, default=StatsOptions().coact_weight,
+                       help="weight of intra-layer co-activation relative to inter-layer affinity")
+    place.add_argument("--intra-node-cost", type=float, default=1.0, help="relative cost of an intra-node transfer")
+    place.add_argument("--inter-node-cost", type=float, default=4.0, help="relative cost of an inter-node transfer")
     place.add_argument("--refine", action="store_true",
                        help="after solving, swap experts to lower the coherent strategy's exact transfers on the "
                             "fit tokens (the surrogate objective is pairwise; this counts distinct ranks)")
@@ -61,12 +63,13 @@ def register(subparsers) -> None:
     sim = subparsers.add_parser("simulate", help="simulate the all-to-all traffic of a placement on a trace",
                                 description="Replay a routing trace under a placement and compare its traffic "
                                             "with the contiguous and round-robin placements.")
-    sim.add_argument("--trace", required=True)
+    sim.add_argument("--trace", required=True, help="routing trace (.npz, ours or the FLAME layout)")
     sim.add_argument("--placement", required=True, help="placement JSON (from epserve place)")
-    sim.add_argument("--strategy", default="coherent", choices=[s.value for s in Strategy] + ["all"])
+    sim.add_argument("--strategy", default="coherent", choices=[s.value for s in Strategy] + ["all"],
+                     help="strategy to simulate (all: every one)")
     sim.add_argument("--predictor", help="predictor .npz (default: the one named in the placement)")
     sim.add_argument("--hidden-size", type=int, help="hidden size H, to report bytes")
-    sim.add_argument("--dtype-bytes", type=int, default=2)
+    sim.add_argument("--dtype-bytes", type=int, default=2, help="bytes per hidden-state element")
     _common(sim)
     sim.set_defaults(func=run_simulate)
 

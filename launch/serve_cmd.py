@@ -52,11 +52,12 @@ def default_model_dir() -> Path:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options a worker needs too (``launch.serve`` parses the same ones)."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled default model)")
-    p.add_argument("--strategy", default=Strategy.TWO_A2A.value, choices=[s.value for s in Strategy])
+    p.add_argument("--strategy", default=Strategy.TWO_A2A.value, choices=[s.value for s in Strategy],
+                   help="how tokens move between EP ranks")
     p.add_argument("--placement", help="placement JSON (from epserve place; default: contiguous)")
     p.add_argument("--predictor", help="predictor .npz (default: the one the placement names)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--served-model-name", help="model name the API reports (default: the checkpoint's name)")
     p.add_argument("--max-running", type=int, help="sequences in the running batch")
     p.add_argument("--max-batched-tokens", type=int, help="tokens per engine step")
@@ -75,9 +76,9 @@ def register(subparsers) -> None:
                                           "one rank per GPU; rank 0 serves the OpenAI-compatible API.")
     add_model_arguments(p)
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks (GPUs) on this node")
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes (machines) in the EP group")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index (node 0 serves HTTP)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (node 0's)")
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one; set it for nnodes > 1)")
     p.add_argument("--api-key", help=f"require this bearer token (default: ${API_KEY_ENV})")
     p.set_defaults(func=run_serve)
@@ -213,10 +214,8 @@ def _predictor(args, strategy: Strategy, placement: Placement, placement_path: P
     else:
         raise InputError(f"strategy {strategy.value} needs a predictor: pass --predictor, or a --placement "
                          f"written by `epserve place` from a trace with vocabulary ids (it names one)")
-    if not path.is_file():
-        raise InputError(f"predictor file not found: {path}")
     from placement.predictor import SpeculativePredictor
-    SpeculativePredictor.load(path).check_placement(placement)
+    SpeculativePredictor.load(path).check_placement(placement)   # InputError when missing or unreadable
     return path
 
 

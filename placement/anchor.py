@@ -26,15 +26,15 @@ the trace has no sequences.
 from __future__ import annotations
 
 import hashlib
-import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from placement.errors import InputError, PlacementError
+from placement.npzfile import load_npz, save_npz
 
+FORMAT = "epserve-anchor-table"
 FORMAT_VERSION = 1
 SCALE = 1000            # log-odds in thousandths
 MAX_ABS_SCORE = 1 << 24   # sums over K experts stay exact in int64 (and in float32 nowhere: integers only)
@@ -76,39 +76,31 @@ class AnchorTable:
                                  "digest differs); refit it with epserve place")
 
     # ---- the rule ----------------------------------------------------------------------------------------
+    def slots_TL(self, experts_TLK: np.ndarray, ranks_TLK: np.ndarray) -> np.ndarray:
+        """[T, L] the slot k of every token-layer whose rank is its anchor (decode rule)."""
+        return np.stack([anchor_slots(self.score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l])
+                         for l in range(ranks_TLK.shape[1])], axis=1)
+
     def anchors_TL(self, experts_TLK: np.ndarray, ranks_TLK: np.ndarray) -> np.ndarray:
         """[T, L] anchor rank of every token-layer (decode rule; the simulator applies prefill itself)."""
-        return np.stack([choose_anchors(self.score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l])
-                         for l in range(ranks_TLK.shape[1])], axis=1)
+        slots_TL = self.slots_TL(experts_TLK, ranks_TLK)
+        return np.take_along_axis(ranks_TLK, slots_TL[..., None], axis=2)[..., 0].astype(np.int64)
 
     # ---- files -------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        header = {"format": "epserve-anchor-table", "version": FORMAT_VERSION,
-                  "placement_sha256": self.placement_sha256, "meta": self.meta}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, header=np.array(json.dumps(header)), score=self.score_LEG)
-        tmp.replace(path)
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "placement_sha256": self.placement_sha256,
+                  "meta": self.meta}
+        save_npz(path, header, score=self.score_LEG)
 
     @classmethod
     def load(cls, path: str | Path) -> "AnchorTable":
-        path = Path(path)
-        if not path.is_file():
-            raise PlacementError(f"anchor table file not found: {path}")
+        header, data = load_npz(path, what="anchor table", arrays=("score",), error=PlacementError)
+        if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+            raise PlacementError(f"{path}: anchor table format {header.get('format')!r} version "
+                                 f"{header.get('version')!r} is not supported (expected version {FORMAT_VERSION})")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise PlacementError(f"{path}: not a readable anchor table .npz ({exc})") from None
-        if "header" not in data or "score" not in data:
-            raise PlacementError(f"{path}: not an anchor table (needs 'header' and 'score')")
-        try:
-            header = json.loads(str(data["header"]))
-            if header.get("format") != "epserve-anchor-table" or header.get("version") != FORMAT_VERSION:
-                raise PlacementError(f"{path}: anchor table format {header.get('format')!r} version "
-                                     f"{header.get('version')!r} is not supported (expected version {FORMAT_VERSION})")
             return cls(data["score"], str(header["placement_sha256"]), dict(header.get("meta") or {}))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise PlacementError(f"{path}: bad anchor table header ({exc})") from None
 
 

@@ -19,18 +19,18 @@ transfer, never accuracy. A trace without vocabulary ids cannot build one (Trace
 
 from __future__ import annotations
 
-import hashlib
-import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from placement.anchor import expert_table_digest
 from placement.errors import InputError, PlacementError, TraceError
+from placement.npzfile import load_npz, save_npz
 from placement.placement import Placement
 from placement.trace import RoutingTrace
 
+FORMAT = "epserve-speculative-predictor"
 FORMAT_VERSION = 1
 
 
@@ -53,8 +53,9 @@ class PredictorOptions:
 
 
 def placement_digest(placement: Placement) -> str:
-    """sha256 of the expert -> GPU table: ties a predictor to the placement it was built for."""
-    return hashlib.sha256(np.ascontiguousarray(placement.expert_to_gpu_LE, dtype=np.int64).tobytes()).hexdigest()
+    """sha256 of the expert -> GPU table: ties a predictor to the placement it was built for (the same digest
+    an anchor table carries)."""
+    return expert_table_digest(placement.expert_to_gpu_LE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,41 +197,26 @@ class SpeculativePredictor:
 
     # ---- files ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        header = {"format": "epserve-speculative-predictor", "version": FORMAT_VERSION,
-                  "num_gpus": self.num_gpus, "placement_sha256": self.placement_sha256,
-                  "options": self.options.to_dict()}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, header=np.array(json.dumps(header)), vocab=self.vocab_V,
-                            token_rank=self.token_rank_LV, token_conf=self.token_conf_LV, support=self.support_V,
-                            ngram_rank=self.ngram_rank_LX, ngram_conf=self.ngram_conf_LX,
-                            ngram_support=self.ngram_support_LX)
-        tmp.replace(path)
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "num_gpus": self.num_gpus,
+                  "placement_sha256": self.placement_sha256, "options": self.options.to_dict()}
+        save_npz(path, header, vocab=self.vocab_V, token_rank=self.token_rank_LV, token_conf=self.token_conf_LV,
+                 support=self.support_V, ngram_rank=self.ngram_rank_LX, ngram_conf=self.ngram_conf_LX,
+                 ngram_support=self.ngram_support_LX)
 
     @classmethod
     def load(cls, path: str | Path) -> "SpeculativePredictor":
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"predictor file not found: {path}")
+        header, data = load_npz(path, what="predictor", error=InputError,
+                                arrays=("vocab", "token_rank", "token_conf", "support", "ngram_rank", "ngram_conf",
+                                        "ngram_support"))
+        if header.get("version") != FORMAT_VERSION:
+            raise InputError(f"{path}: predictor version {header.get('version')!r} is not supported")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{path}: not a readable predictor .npz ({exc})") from None
-        missing = [k for k in ("header", "vocab", "token_rank", "token_conf", "support", "ngram_rank",
-                               "ngram_conf", "ngram_support") if k not in data]
-        if missing:
-            raise InputError(f"{path}: not a predictor file (missing {', '.join(missing)})")
-        try:
-            header = json.loads(str(data["header"]))
-            if header.get("version") != FORMAT_VERSION:
-                raise InputError(f"{path}: predictor version {header.get('version')!r} is not supported")
             return cls(data["vocab"].astype(np.int64), data["token_rank"].astype(np.int64),
                        data["token_conf"].astype(np.float64), data["support"].astype(np.int64),
                        data["ngram_rank"].astype(np.int64), data["ngram_conf"].astype(np.float64),
                        data["ngram_support"].astype(np.int64), int(header["num_gpus"]),
                        str(header["placement_sha256"]), PredictorOptions(**header["options"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise InputError(f"{path}: predictor header is malformed ({exc})") from None
         except InputError as exc:
             raise InputError(f"{path}: {exc}") from None

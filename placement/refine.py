@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from placement.anchor import anchor_slots, fit_anchor_table
+from placement.anchor import fit_anchor_table
 from placement.placement import Placement
 from placement.simulate import sequence_order
 from placement.trace import RoutingTrace
@@ -91,11 +91,9 @@ def refine_placement(trace: RoutingTrace, placement: Placement, *, anchored: boo
 
 def _table_leads(trace: RoutingTrace, p_LE: np.ndarray, num_gpus: int) -> np.ndarray:
     """[T, L] the expert whose rank the anchor table fitted to ``p_LE`` picks for each token-layer."""
-    table = fit_anchor_table(trace, p_LE, num_gpus)
     experts_TLK = trace.experts_TLK.astype(np.int64)
     ranks_TLK = p_LE[np.arange(trace.num_layers)[None, :, None], experts_TLK]
-    slots_TL = np.stack([anchor_slots(table.score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l])
-                         for l in range(trace.num_layers)], axis=1)
+    slots_TL = fit_anchor_table(trace, p_LE, num_gpus).slots_TL(experts_TLK, ranks_TLK)
     return np.take_along_axis(experts_TLK, slots_TL[..., None], axis=2)[..., 0]
 
 
@@ -123,14 +121,14 @@ class _Routing:
         return member_TLG
 
     def starts(self, p_LE: np.ndarray) -> np.ndarray:
-        """[T, L] start rank of every token-layer under the top-1 anchor rule."""
+        """[T, L] start rank of every token-layer when each token is anchored on its lead expert's rank."""
         lead_rank_TL = p_LE[np.arange(self.L)[None, :], self.lead_TL]
         start_T = self.home_T.copy()
         start_T[self.chained_T] = lead_rank_TL[self.prev_of_chained, self.L - 1]
         return np.concatenate([start_T[:, None], lead_rank_TL[:, :-1]], axis=1)
 
     def _successors(self, p_LE: np.ndarray, l: int) -> tuple[np.ndarray, np.ndarray]:
-        """(top-1 expert at l of each source token [P], ranks of its successor's next layer [P, G])."""
+        """(lead expert at l of each source token [P], ranks of its successor's next layer [P, G])."""
         if l < self.L - 1:
             src, nxt, dst = np.arange(self.T), l + 1, np.arange(self.T)
         else:

@@ -82,9 +82,7 @@ def load_model(model_dir: str | Path, *, experts: Mapping[int, Iterable[int]] | 
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     selected = _select_experts(config, experts)
-    headers = _read_headers(model_dir)
-    expected = _expected_tensors(config, headers)
-    _check_checkpoint(config, expected, headers, model_dir)
+    headers, expected = _checked_headers(config, model_dir)
 
     with torch.device("meta"):
         model = MoEModel(config, experts=selected)
@@ -103,9 +101,16 @@ def check_checkpoint(model_dir: str | Path) -> ModelConfig:
     from the safetensors headers) without reading any tensor data. Raises CheckpointError naming the problem."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
-    headers = _read_headers(model_dir)
-    _check_checkpoint(config, _expected_tensors(config, headers), headers, model_dir)
+    _checked_headers(config, model_dir)
     return config
+
+
+def _checked_headers(config: ModelConfig, model_dir: Path) -> tuple[dict[str, _Header], dict[str, tuple[int, ...]]]:
+    """The checkpoint's tensor headers and the tensors ``config`` expects, once every header is checked."""
+    headers = _read_headers(model_dir)
+    expected = _expected_tensors(config, headers)
+    _check_checkpoint(config, expected, headers, model_dir)
+    return headers, expected
 
 
 # ---- which experts -------------------------------------------------------------------------------------

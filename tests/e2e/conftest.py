@@ -10,7 +10,7 @@ import pytest
 from comm.spawn import free_port
 from launch.cli import main
 from launch.serve_cmd import default_model_dir
-from tests.e2e._serve import ServeProcess
+from launch.serve_process import ServeProcess
 
 DEFAULT = default_model_dir()
 

@@ -9,10 +9,9 @@ import sys
 import psutil
 import pytest
 
+from launch.serve_process import REPO_ROOT, serve_env
 from placement.cluster import ClusterShape
 from placement.placement import contiguous_placement
-from tests.conftest import REPO_ROOT
-from tests.e2e._serve import serve_env
 from tests.e2e.conftest import DEFAULT
 
 pytestmark = pytest.mark.e2e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -182,3 +183,16 @@ def test_engine_limits_reach_the_engine_config(tmp_path):
     assert config.eos_token_ids == (1, 5) and config.stuck_after_s == 45
     default = serve_cmd.engine_config(_args(), DEFAULT)
     assert (default.model_name, default.max_model_len, default.record_trace_path) == ("default_model", 512, None)
+
+
+@pytest.mark.parametrize("command, flag, shown", [
+    ("serve", "--port", "(default: 8000)"), ("serve", "--node-rank", "(default: 0)"),
+    ("serve", "--strategy", "(default: two_a2a)"), ("trace", "--batch-size", "(default: 16)"),
+    ("batch", "--concurrency", "(default: 8)")])
+def test_help_shows_defaults(capsys, command, flag, shown):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    options = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    help_text = re.search(rf" {flag} \S+ (.*?)(?= --|$)", options).group(1)
+    assert help_text.endswith(shown)
+    assert "(default: None)" not in options

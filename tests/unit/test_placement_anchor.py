@@ -142,3 +142,13 @@ def test_table_errors_name_the_problem(tmp_path):
     (tmp_path / "bad.anchors.npz").write_bytes(b"not a zip")
     with pytest.raises(PlacementError, match="not a readable anchor table"):
         AnchorTable.load(tmp_path / "bad.anchors.npz")
+    np.savez(tmp_path / "noscore.npz", header=np.array(json.dumps({"format": "epserve-anchor-table"})))
+    with pytest.raises(PlacementError, match="not a complete anchor table file .missing score."):
+        AnchorTable.load(tmp_path / "noscore.npz")
+    np.savez(tmp_path / "v2.npz", header=np.array(json.dumps({"format": "epserve-anchor-table", "version": 2})),
+             score=np.zeros((1, 4, 2), dtype=np.int32))
+    with pytest.raises(PlacementError, match="version 2 is not supported"):
+        AnchorTable.load(tmp_path / "v2.npz")
+    np.savez(tmp_path / "list.npz", header=np.array("[1, 2]"), score=np.zeros((1, 4, 2), dtype=np.int32))
+    with pytest.raises(PlacementError, match="bad anchor table header .not a JSON object"):
+        AnchorTable.load(tmp_path / "list.npz")

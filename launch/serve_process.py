@@ -1,9 +1,11 @@
-"""Running the real ``epserve serve`` (torchrun, gloo) from tests: start, wait until it answers, stop, and make
-sure every process of the group is gone.
+"""Running the real ``epserve serve`` (torchrun) as a child process, for the e2e tests and the serving benchmark:
+start, wait until it answers, stop, and make sure every process of the group is gone.
 
     ServeProcess(argv) --Popen (own session; optionally inside a network namespace)--> launcher --> torchrun
         --> ranks; wait_ready() polls /health (bounded); stop() SIGINT --> bounded wait --> SIGKILL to every
         process of the tree (collected while it lived)
+
+Needs httpx and psutil (the dev extras); nothing the server itself runs imports this module.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.conftest import REPO_ROOT
-
+REPO_ROOT = Path(__file__).resolve().parents[1]   # the checkout the child imports (PYTHONPATH)
 READY_TIMEOUT_S = 240.0
 
 
