@@ -49,13 +49,6 @@ def pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    """The server's own tokenizer (ids and text exactly as the server makes them)."""
-    from epserve.server.text import Tokenizer
-    return Tokenizer.from_dir(DEFAULT)
-
-
-@pytest.fixture(scope="session")
 def reference(tokenizer):
     """``(prompts or id lists, max_tokens) -> [new token ids]``: MoEModel.greedy_reference on the ids the server
     makes (text is encoded as /v1/completions encodes it)."""
