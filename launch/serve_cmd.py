@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
@@ -117,10 +117,11 @@ def preflight(args) -> Preflight:
                          f"({config.max_position_embeddings} positions)")
     if args.record_trace and not Path(args.record_trace).resolve().parent.is_dir():
         raise InputError(f"--record-trace: directory does not exist: {Path(args.record_trace).parent}")
+    _check_engine_limits(args)
     try:
         engine_config(args, model_dir)
-    except ValueError as exc:
-        raise InputError(_flag_names(str(exc))) from None
+    except ValueError as exc:   # every option was checked above in its own words; this is a backstop
+        raise InputError(f"engine options: {exc}") from None
     if args.node_rank == 0:
         _check_port_free(args.host, args.port)
     return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
@@ -155,17 +156,18 @@ def engine_config(args, model_dir: Path):
     return EngineConfig.from_model_dir(model_dir, **{k: v for k, v in given.items() if v is not None})
 
 
-_ENGINE_FIELDS = {"engine max_running_seqs": "--max-running", "max_running_seqs": "--max-running",
-                  "engine max_batched_tokens": "--max-batched-tokens", "max_batched_tokens": "--max-batched-tokens",
-                  "engine max_waiting": "--max-waiting", "engine max_model_len": "--max-model-len",
-                  "engine model_name": "--served-model-name"}
+def _check_engine_limits(args) -> None:
+    """The cross-option limits of EngineConfig, in the words of the command line (defaults filled in)."""
+    from epserve.engine.engine import EngineConfig
 
-
-def _flag_names(message: str) -> str:
-    """An EngineConfig message in the words of the command line."""
-    for field, flag in _ENGINE_FIELDS.items():
-        message = message.replace(field, flag)
-    return message
+    defaults = {f.name: f.default for f in fields(EngineConfig)}
+    running = args.max_running or defaults["max_running_seqs"]
+    batched = args.max_batched_tokens or defaults["max_batched_tokens"]
+    if running > batched:
+        raise InputError(f"--max-running ({running}) must be <= --max-batched-tokens ({batched}): every running "
+                         f"sequence decodes one token each step")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise InputError("--served-model-name must not be empty")
 
 
 def _check_port_free(host: str, port: int) -> None:

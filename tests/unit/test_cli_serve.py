@@ -91,6 +91,8 @@ def test_experts_must_split_evenly_over_the_ranks(capsys):
     (["--record-trace", "/no/such/dir/t.npz"], "--record-trace: directory does not exist: /no/such/dir"),
     (["--max-waiting", "0"], "--max-waiting must be >= 1, got 0"),
     (["--max-running", "64", "--max-batched-tokens", "32"], "--max-running (64) must be <= --max-batched-tokens (32)"),
+    (["--max-running", "600"], "--max-running (600) must be <= --max-batched-tokens (512)"),
+    (["--served-model-name", " "], "--served-model-name must not be empty"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     assert message in _refused(capsys, *argv)
