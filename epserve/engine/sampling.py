@@ -63,6 +63,8 @@ def sample_rows(logits_NV: torch.Tensor, params_N: list[SamplingParams], positio
     """One token per row (rows are independent; see :func:`sample_token`)."""
     if logits_NV.shape[0] != len(params_N) or len(params_N) != len(positions_N):
         raise ValueError(f"{logits_NV.shape[0]} logit rows, {len(params_N)} params, {len(positions_N)} positions")
-    if params_N and all(p.greedy for p in params_N):
-        return torch.argmax(logits_NV, dim=-1).tolist()  # host sync
-    return [sample_token(logits_NV[n], p, pos) for n, (p, pos) in enumerate(zip(params_N, positions_N))]
+    out = torch.argmax(logits_NV, dim=-1).tolist() if params_N else []  # host sync, once for every greedy row
+    for n, (p, pos) in enumerate(zip(params_N, positions_N)):
+        if not p.greedy:
+            out[n] = sample_token(logits_NV[n], p, pos)   # one host sync per sampled (non-greedy) row
+    return out

@@ -27,6 +27,15 @@ def test_draw_depends_only_on_seed_and_position():
     assert token_seed(42, 5) != token_seed(42, 6) and 0 <= token_seed(2**70, 3) < 2**63
 
 
+def test_mixed_batch_rows_are_each_sampled_as_alone():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    hot = SamplingParams(temperature=1.5, top_k=20, seed=7)
+    params = [SamplingParams(), hot, SamplingParams(), hot]
+    got = sample_rows(logits, params, [3, 4, 5, 6])
+    assert got == [int(logits[0].argmax()), sample_token(logits[1], hot, 4), int(logits[2].argmax()),
+                   sample_token(logits[3], hot, 6)]
+
+
 def test_temperature_frequencies_follow_softmax():
     logits = torch.tensor([0.0, math.log(3.0)])        # probabilities 1/4, 3/4
     p = SamplingParams(temperature=1.0, seed=7)
