@@ -23,6 +23,8 @@ class CollKind(enum.Enum):
     A2A_SPLITS = "a2a_splits"
     KV_COHERENCE = "kv_coherence"
     ALL_GATHER = "all_gather"
+    CONTROL = "control"            # step plans broadcast from rank 0 (CPU group)
+    STATS = "stats"                # live statistics gathered over the CPU group
 
 
 @dataclass(kw_only=True)

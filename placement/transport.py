@@ -1,0 +1,71 @@
+"""Transports: how the rows a policy asks for are moved (shared by the simulator, the cost model and comm/).
+
+A policy (two_a2a, coherent, speculative, ...) decides, per token and MoE layer, its position rank c (where its
+hidden state is), its expert ranks R (deduplicated) and its anchor a (a in R or a == c; where its partial
+outputs are summed and where it lives afterwards). A transport moves those rows. Shapes: G ranks, N nodes.
+
+    a2a        dispatch: c -> r for r in R \\ {c};  combine: r -> a for r in R \\ {a}.
+               A counts exchange precedes the data all-to-alls (one host sync per MoE layer).
+    fixed      the same rows, in fixed per-peer buffers of ``capacity`` rows with a valid flag (no counts
+               exchange, no host sync): every call puts (G - 1) x capacity rows on the wire. A step in which
+               some rank had more rows for a peer than fit is run again with a doubled capacity (lossless).
+    node_aware a token crosses to each other node at most once per layer, and partials are summed inside a
+               node before they cross back (DeepEP's internode kernels). With R_n = R on node n and
+               relay_n = a if a in R_n else min(R_n):
+                 dispatch   (stage 1): c -> r for r in R_{node(c)} \\ {c}            (intra-node)
+                                       c -> relay_n for every other node n with R_n  (inter-node, once a node)
+                 dispatch_intra (2):   relay_n -> r for r in R_n \\ {relay_n}, n != node(c)   (intra-node)
+                 combine_intra  (3):   r -> t_n for r in R_n \\ {t_n}, every n, where t_n = a on node(a)
+                                       and t_n = min(R_n) elsewhere                   (intra-node)
+                 combine        (4):   min(R_n) -> a for every node n != node(a) with R_n   (inter-node)
+               Total transfers equal a2a's (|R \\ {c}| and |R \\ {a}|); inter-node ones drop to at most
+               (nodes with R other than c's) + (nodes with R other than a's).
+
+Row counts that do not depend on the machine are the traffic model (placement/simulate.py counts them; the
+runtime's CommCounters must equal it).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+from placement.errors import InputError, parse_enum
+
+DEFAULT_CAPACITY_FACTOR = 2.0
+
+
+class Transport(enum.Enum):
+    A2A = "a2a"
+    FIXED = "fixed"
+    NODE_AWARE = "node_aware"
+
+    @classmethod
+    def parse(cls, name: str) -> "Transport":
+        return parse_enum(cls, name, "transport")
+
+    @property
+    def needs_counts_exchange(self) -> bool:
+        return self is not Transport.FIXED
+
+
+def fixed_capacity(tokens: int, *, top_k: int, world_size: int, factor: float = DEFAULT_CAPACITY_FACTOR,
+                   bound: int | None = None) -> int:
+    """Rows per peer of the ``fixed`` transport for a step of ``tokens`` step tokens.
+
+    A rank holds about tokens / G of them and sends each to a given peer with probability
+    p = 1 - (1 - 1/G)^K under uniform routing; the capacity is ``factor`` times that expectation, rounded up
+    to a power of two (few distinct shapes: what CUDA graphs need), and never more than ``bound`` (default
+    ``tokens``: no rank can send a peer more rows than it holds), never less than 1.
+    """
+    if factor <= 0 or not math.isfinite(factor):
+        raise InputError(f"transport capacity factor must be a finite number > 0, got {factor!r}")
+    if tokens < 0 or world_size < 1 or top_k < 1:
+        raise InputError(f"fixed_capacity needs tokens >= 0, world_size >= 1, top_k >= 1 "
+                         f"(got {tokens}, {world_size}, {top_k})")
+    bound = tokens if bound is None else min(bound, tokens)
+    if world_size == 1 or bound <= 0:
+        return max(1, bound)
+    p = 1.0 - (1.0 - 1.0 / world_size) ** top_k
+    want = max(1.0, factor * tokens / world_size * p)
+    return max(1, min(bound, 1 << math.ceil(math.log2(want))))
