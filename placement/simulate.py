@@ -7,7 +7,8 @@ Shapes: T tokens, L MoE layers, K experts per token, E experts, G GPUs (= EP ran
         --> start rank of each token (home | previous position's final anchor | predicted)
         --> position rank c_TL, anchor rank a_TL
         --> per token-layer: dispatch |R \\ {c}|, combine |R \\ {a}|, cross-node, local activations
-        --> CommReport (per-layer arrays + totals)
+        --> transport (placement/transport.py): which rank sends each transfer to which, per phase
+        --> CommReport (per-layer arrays, per-phase [L, G, G] flows, totals)
 
 The traffic model (binding: the comm runtime's counters must equal these numbers on a replayed trace).
 Per token t and MoE layer l: its K experts e_1..e_K in router-weight order (highest first), their ranks
@@ -38,6 +39,15 @@ expert outputs are summed and where it lives after layer l):
   other G-1 ranks, reported separately as KV-entry copies and bytes when the entry size is known. Sampled
   ids are all-gathered: G-1 copies per sampled token (each decode token, plus the last prefill token of each
   sequence), 8 bytes each (int64), reported separately.
+- Transports (placement/transport.py, exact): a2a and fixed move the rows above directly (phases
+  ``dispatch``, ``combine``); node_aware relays them (phases ``dispatch``, ``dispatch_intra``,
+  ``combine_intra``, ``combine``) with the same totals and fewer cross-node transfers. ``dispatch_L`` /
+  ``combine_L`` count every transfer of the dispatch / combine phases (forwarded hops included),
+  ``cross_node_*`` those between nodes, ``flows_LGG[phase]`` the same by (source, destination) rank.
+  Data all-to-alls per layer: a2a/fixed 1 per direction (dispatch; combine unless coherent top-1), node_aware
+  2 per direction (1 on one GPU per node: nothing to forward); counts exchanges per layer: 1, fixed 0.
+  K/V copies crossing nodes: a2a/fixed send each entry to the G - gpus_per_node ranks of other nodes;
+  node_aware sends it once to each other node (N - 1), which forwards it inside (total copies unchanged).
 - Metrics: transfers per token-layer = (dispatch + combine) / (T x L); LAR = local activations / (T x L x K);
   top-1 cross-GPU rate = fraction of (t, l -> l+1) with expert_to_gpu[l, e_1(t,l)] !=
   expert_to_gpu[l+1, e_1(t,l+1)] (placement only); per-GPU load per layer = activations per GPU.
@@ -58,6 +68,7 @@ import numpy as np
 from placement.errors import InputError, PlacementError, TraceError, parse_enum
 from placement.placement import Placement
 from placement.trace import RoutingTrace
+from placement.transport import COMBINE_PHASES, DISPATCH_PHASES, Transport, phase_flows
 
 SAMPLED_ID_BYTES = 8  # int64 token ids
 
@@ -114,10 +125,15 @@ class CommReport:
     local_activations_L: np.ndarray
     top1_cross_L: np.ndarray          # [L-1] tokens whose top-1 GPU changes from l to l+1
     load_LG: np.ndarray               # [L, G] activations per GPU
-    a2a_calls_per_layer: int
+    a2a_calls_per_layer: int          # data all-to-alls per MoE layer (counts exchanges not included)
     kv_entry_copies: int
     sampled_id_copies: int
     options: SimOptions = field(default_factory=SimOptions)
+    transport: str = Transport.A2A.value
+    flows_LGG: dict = field(default_factory=dict)   # phase -> int64 [L, G, G] transfers (source, destination)
+    held_LG: np.ndarray | None = None # [L, G] tokens on each rank when layer l starts (where attention runs)
+    counts_exchanges_per_layer: int = 1
+    kv_cross_node_copies: int = 0     # K/V entry copies that cross nodes (node_aware: one per other node)
 
     @property
     def num_layers(self) -> int:
@@ -153,6 +169,24 @@ class CommReport:
         return self.load_LG.max(axis=1) / self.load_LG.mean(axis=1)
 
     @property
+    def phases(self) -> tuple[str, ...]:
+        return tuple(self.flows_LGG)
+
+    def phase_transfers_L(self, phase: str) -> np.ndarray:
+        """[L] transfers of one phase (dispatch, dispatch_intra, combine_intra, combine)."""
+        return self.flows_LGG[phase].sum(axis=(1, 2))
+
+    def phase_cross_node_L(self, phase: str) -> np.ndarray:
+        """[L] transfers of one phase whose source and destination lie on different nodes."""
+        return (self.flows_LGG[phase] * self.cross_node_GG).sum(axis=(1, 2))
+
+    @property
+    def cross_node_GG(self) -> np.ndarray:
+        """[G, G] bool: ranks s and d lie on different nodes."""
+        node_G = np.arange(self.nodes * self.gpus_per_node) // self.gpus_per_node
+        return node_G[:, None] != node_G[None, :]
+
+    @property
     def transfer_bytes(self) -> int | None:
         h = self.options.hidden_size
         return None if h is None else self.transfers * h * self.options.dtype_bytes
@@ -176,7 +210,11 @@ class CommReport:
             "load_max_over_mean": float(self.load_max_over_mean_L.max()),
             "load_max_over_mean_avg": float(self.load_max_over_mean_L.mean()),
             "a2a_calls_per_layer": self.a2a_calls_per_layer,
+            "transport": self.transport, "counts_exchanges_per_layer": self.counts_exchanges_per_layer,
             "kv_entry_copies": self.kv_entry_copies, "kv_bytes": self.kv_bytes,
+            "kv_cross_node_copies": self.kv_cross_node_copies,
+            "phases": {p: {"transfers": int(self.phase_transfers_L(p).sum()),
+                           "cross_node": int(self.phase_cross_node_L(p).sum())} for p in self.phases},
             "sampled_id_copies": self.sampled_id_copies,
             "sampled_id_bytes": self.sampled_id_copies * SAMPLED_ID_BYTES,
             "per_layer": per_layer,
@@ -185,15 +223,22 @@ class CommReport:
 
 def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
              predictor=None, home_rank_T: np.ndarray | None = None, prefill_T: np.ndarray | None = None,
-             options: SimOptions = SimOptions()) -> CommReport:
-    """Replay ``trace`` under ``placement`` with ``strategy``, following the traffic model exactly.
+             options: SimOptions = SimOptions(), transport: Transport = Transport.A2A) -> CommReport:
+    """Replay ``trace`` under ``placement`` with ``strategy`` and ``transport``, following the traffic model
+    exactly (this docstring and placement/transport.py's).
 
     ``predictor`` (a ``SpeculativePredictor``) is required by the speculative strategies; ``home_rank_T``
     ([T] ints in [0, G)) overrides the default home ranks; ``prefill_T`` ([T] bools) marks prefill tokens.
+    ``node_aware`` on a one-node cluster is refused (InputError): it has no other node to relay through.
     """
     placement.check_fits(num_layers=trace.num_layers, num_experts=trace.num_experts)
     T, L, K = trace.experts_TLK.shape
     G, cluster = placement.num_gpus, placement.cluster
+    if not isinstance(transport, Transport):
+        raise InputError(f"transport must be a Transport, got {transport!r}")
+    if transport is Transport.NODE_AWARE and cluster.nodes < 2:
+        raise InputError(f"transport node_aware needs at least 2 nodes: the placement's cluster has 1 node of "
+                         f"{cluster.gpus_per_node} GPUs, so no token ever crosses a node (use a2a or fixed)")
     ranks_TLK = placement.expert_to_gpu_LE[np.arange(L)[None, :, None], trace.experts_TLK.astype(np.int64)]
     prefill_T = _prefill_mask(prefill_T, T)
     seq_T, pos_T, prev_T = sequence_order(trace)
@@ -226,29 +271,41 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
     sorted_TLK = np.sort(ranks_TLK, axis=-1)
     first_TLK = np.ones_like(sorted_TLK, dtype=bool)
     first_TLK[..., 1:] = sorted_TLK[..., 1:] != sorted_TLK[..., :-1]
-    node_TLK = sorted_TLK // cluster.gpus_per_node
-    pos_node_TL, anchor_node_TL = pos_TL // cluster.gpus_per_node, anchor_TL // cluster.gpus_per_node
-    dispatch_L = (first_TLK & (sorted_TLK != pos_TL[..., None])).sum(axis=(0, 2))
-    combine_L = (first_TLK & (sorted_TLK != anchor_TL[..., None])).sum(axis=(0, 2))
-    cross_dispatch_L = (first_TLK & (node_TLK != pos_node_TL[..., None])).sum(axis=(0, 2))
-    cross_combine_L = (first_TLK & (node_TLK != anchor_node_TL[..., None])).sum(axis=(0, 2))
+    flows_LGG = phase_flows(sorted_TLK, first_TLK, np.ascontiguousarray(pos_TL), anchor_TL, transport=transport,
+                            gpus_per_node=cluster.gpus_per_node, num_gpus=G)
+    node_G = np.arange(G) // cluster.gpus_per_node
+    cross_GG = node_G[:, None] != node_G[None, :]
+    total_L = lambda phases: sum(flows_LGG[p].sum(axis=(1, 2)) for p in phases if p in flows_LGG)  # noqa: E731
+    cross_L = lambda phases: sum((flows_LGG[p] * cross_GG).sum(axis=(1, 2))  # noqa: E731
+                                 for p in phases if p in flows_LGG)
     local_L = (ranks_TLK == pos_TL[..., None]).sum(axis=(0, 2))
     top1_cross_L = (top1_TL[:, 1:] != top1_TL[:, :-1]).sum(axis=0)
     layer_TLK = np.broadcast_to(np.arange(L)[None, :, None], ranks_TLK.shape)
     load_LG = np.bincount((layer_TLK * G + ranks_TLK).ravel(), minlength=L * G).reshape(L, G)
+    held_LG = np.bincount((np.arange(L)[None, :] * G + pos_TL).ravel(), minlength=L * G).reshape(L, G)
 
     if strategy.coherent:
         attention_layers = options.attention_layers or L
-        kv_copies = T * attention_layers * (G - 1)
+        entries = T * attention_layers
+        kv_copies = entries * (G - 1)
+        kv_cross = entries * ((cluster.nodes - 1) if transport is Transport.NODE_AWARE
+                              else (G - cluster.gpus_per_node))
         last_prefill = int(np.unique(seq_T[prefill_T]).size)
         sampled_copies = (int((~prefill_T).sum()) + last_prefill) * (G - 1)
-        calls = 1 if K == 1 else 2
+        directions = 1 if K == 1 else 2
     else:
-        kv_copies, sampled_copies, calls = 0, 0, 2
+        kv_copies, kv_cross, sampled_copies, directions = 0, 0, 0, 2
+    two_stage = transport is Transport.NODE_AWARE and cluster.gpus_per_node > 1
+    calls = directions * (2 if two_stage else 1)
     as_int = lambda a: np.asarray(a, dtype=np.int64)  # noqa: E731
-    return CommReport(strategy.value, T, K, cluster.nodes, cluster.gpus_per_node, as_int(dispatch_L),
-                      as_int(combine_L), as_int(cross_dispatch_L), as_int(cross_combine_L), as_int(local_L),
-                      as_int(top1_cross_L), as_int(load_LG), calls, kv_copies, sampled_copies, options)
+    return CommReport(
+        strategy=strategy.value, num_tokens=T, top_k=K, nodes=cluster.nodes, gpus_per_node=cluster.gpus_per_node,
+        dispatch_L=as_int(total_L(DISPATCH_PHASES)), combine_L=as_int(total_L(COMBINE_PHASES)),
+        cross_node_dispatch_L=as_int(cross_L(DISPATCH_PHASES)), cross_node_combine_L=as_int(cross_L(COMBINE_PHASES)),
+        local_activations_L=as_int(local_L), top1_cross_L=as_int(top1_cross_L), load_LG=as_int(load_LG),
+        a2a_calls_per_layer=calls, kv_entry_copies=kv_copies, sampled_id_copies=sampled_copies, options=options,
+        transport=transport.value, flows_LGG=flows_LGG, held_LG=as_int(held_LG),
+        counts_exchanges_per_layer=int(transport.needs_counts_exchange), kv_cross_node_copies=kv_cross)
 
 
 def sequence_order(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

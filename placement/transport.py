@@ -30,6 +30,8 @@ from __future__ import annotations
 import enum
 import math
 
+import numpy as np
+
 from placement.errors import InputError, parse_enum
 
 DEFAULT_CAPACITY_FACTOR = 2.0
@@ -69,3 +71,59 @@ def fixed_capacity(tokens: int, *, top_k: int, world_size: int, factor: float = 
     p = 1.0 - (1.0 - 1.0 / world_size) ** top_k
     want = max(1.0, factor * tokens / world_size * p)
     return max(1, min(bound, 1 << math.ceil(math.log2(want))))
+
+
+# ---- the traffic model, counted (placement/simulate.py; the cost model reads the flows) ---------------------
+# Phases in the order a MoE layer runs them; a2a and fixed use only "dispatch" and "combine".
+PHASES = ("dispatch", "dispatch_intra", "combine_intra", "combine")
+DISPATCH_PHASES = ("dispatch", "dispatch_intra")
+COMBINE_PHASES = ("combine_intra", "combine")
+_CHUNK_ELEMENTS = 1 << 22   # token-layer-slots per chunk: bounds the temporaries (~tens of MB)
+
+
+def phase_flows(sorted_TLK: np.ndarray, first_TLK: np.ndarray, pos_TL: np.ndarray, anchor_TL: np.ndarray, *,
+                transport: Transport, gpus_per_node: int, num_gpus: int) -> dict[str, np.ndarray]:
+    """Transfers of every phase as {phase: int64 [L, G, G]} (source rank, destination rank), summed over tokens.
+
+    ``sorted_TLK``: each token-layer's expert ranks, ascending; ``first_TLK``: True at the first slot of each
+    distinct rank (R = sorted_TLK[first_TLK]); ``pos_TL`` / ``anchor_TL``: the position rank c and anchor a.
+    Follows the module docstring exactly; vectorised, in chunks of tokens (no loop over tokens).
+    """
+    T, L, K = sorted_TLK.shape
+    G = num_gpus
+    flat = {phase: np.zeros(L * G * G, dtype=np.int64) for phase in _phases_of(transport)}
+    layer_1L1 = np.arange(L, dtype=np.int64)[None, :, None]
+    step = max(1, _CHUNK_ELEMENTS // max(1, L * K))
+    for lo in range(0, T, step):
+        hi = min(T, lo + step)
+        records = _records(sorted_TLK[lo:hi], first_TLK[lo:hi], pos_TL[lo:hi, :, None],
+                           anchor_TL[lo:hi, :, None], transport, gpus_per_node)
+        for phase, src, dst, mask in records:
+            src, dst, mask = np.broadcast_arrays(src, dst, mask)
+            key = (np.broadcast_to(layer_1L1, mask.shape)[mask] * G + src[mask]) * G + dst[mask]
+            flat[phase] += np.bincount(key, minlength=L * G * G)
+    return {phase: f.reshape(L, G, G) for phase, f in flat.items()}
+
+
+def _phases_of(transport: Transport) -> tuple[str, ...]:
+    return PHASES if transport is Transport.NODE_AWARE else ("dispatch", "combine")
+
+
+def _records(r, first, c, a, transport: Transport, gpn: int):
+    """(phase, source, destination, mask) per token-layer-slot; c and a are [T, L, 1]."""
+    if transport is not Transport.NODE_AWARE:
+        return [("dispatch", c, r, first & (r != c)), ("combine", r, a, first & (r != a))]
+    node, nc, na = r // gpn, c // gpn, a // gpn
+    K = r.shape[-1]
+    first_node = np.ones_like(first)          # first slot of each node's ranks (ranks are sorted node-major)
+    first_node[..., 1:] = node[..., 1:] != node[..., :-1]
+    start = np.maximum.accumulate(np.where(first_node, np.arange(K), 0), axis=-1)
+    min_rank = np.take_along_axis(r, start, axis=-1)                       # min(R_n) of each slot's node n
+    a_in_R = ((r == a) & first).any(axis=-1, keepdims=True)
+    relay = np.where((node == na) & a_in_R, a, min_rank)                   # relay_n
+    target = np.where(node == na, a, min_rank)                             # t_n
+    return [("dispatch", c, r, first & (node == nc) & (r != c)),
+            ("dispatch", c, relay, first_node & (node != nc)),
+            ("dispatch_intra", relay, r, first & (node != nc) & (r != relay)),
+            ("combine_intra", r, target, first & (r != target)),
+            ("combine", min_rank, a, first_node & (node != na))]
