@@ -6,6 +6,9 @@
               (+ <stem>.predictor.npz when the fit trace has vocabulary ids)
               --> table: ours vs contiguous vs round_robin on the held-out part (else the fit trace)
     simulate: trace + placement.json (+ predictor) --> table for the chosen strategies, same comparison
+              [--hardware NAME|profile.json --model DIR]: + every strategy x transport on the placement
+              (and two_a2a on contiguous, the baseline) --cost model--> time per MoE layer and per step,
+              bottleneck link, bytes per link class, ratio to contiguous two_a2a+a2a, and the model's choice
 
 Every input is read and checked before anything is written; bad input is an InputError (exit status 2).
 """
@@ -21,12 +24,15 @@ from pathlib import Path
 
 from placement.anchor import fit_anchor_table
 from placement.cluster import ClusterShape
+from placement.cost_model import COST_COLUMNS, ModelShape, choose, format_cost_table
+from placement.hardware import BUILTIN_NAMES, load_profile
 from placement.errors import InputError, TraceError
 from placement.placement import Placement
 from placement.refine import refine_placement
 from placement.predictor import PredictorOptions, SpeculativePredictor
 from placement.report import comparison_rows, file_sha256, format_table
-from placement.simulate import SimOptions, Strategy
+from placement.simulate import SimOptions, Strategy, simulate
+from placement.transport import Transport
 from placement.solvers import SolveOptions, SolverKind, solve
 from placement.stats import StatsOptions, compute_stats, objective, objective_upper_bound
 from placement.trace import RoutingTrace
@@ -70,6 +76,17 @@ def register(subparsers) -> None:
     sim.add_argument("--predictor", help="predictor .npz (default: the one named in the placement)")
     sim.add_argument("--hidden-size", type=int, help="hidden size H, to report bytes")
     sim.add_argument("--dtype-bytes", type=int, default=2, help="bytes per hidden-state element")
+    cost = sim.add_argument_group("cost model (modelled communication time)")
+    cost.add_argument("--hardware", help=f"hardware profile: {', '.join(BUILTIN_NAMES)} (e.g. shaped:20mbit) or a "
+                                         f"profile .json (bench/calibrate_gloo.py writes one)")
+    cost.add_argument("--model", help="model directory (Hugging Face config.json gives the shape)")
+    cost.add_argument("--kv-entry-bytes", type=int,
+                      help="bytes of one token's K/V at one attention layer (without --model)")
+    cost.add_argument("--attention-layers", type=int, help="attention layers (without --model; default: the "
+                                                          "trace's MoE layers)")
+    cost.add_argument("--transport", default="all", choices=[t.value for t in Transport] + ["all"],
+                      help="transport(s) to model (all: node_aware only on more than one node)")
+    cost.add_argument("--tokens-per-step", type=int, default=64, help="tokens in one step (all ranks together)")
     _common(sim)
     sim.set_defaults(func=run_simulate)
 
@@ -139,7 +156,9 @@ def run_simulate(args) -> int:
     else:
         strategies = [Strategy.parse(args.strategy)]
     predictor = None
-    if any(s.needs_predictor for s in strategies):
+    cost_can_speculate = args.hardware is not None and evaluate.has_token_ids and \
+        bool(args.predictor or placement.solver.get("predictor"))   # the cost table models every strategy
+    if any(s.needs_predictor for s in strategies) or cost_can_speculate:
         if not evaluate.has_token_ids:
             raise TraceError(f"{args.trace} has no vocabulary ids (token_ids): the speculative strategies need "
                              f"them; use --strategy two_a2a or coherent")
@@ -160,8 +179,99 @@ def run_simulate(args) -> int:
                "objective_note": "the placement's surrogate on the evaluated tokens; upper bound: the cheap "
                                  "bound there (sum of top-M pair weights), not a proven optimum",
                "rows": rows}
+    if args.hardware is not None:
+        summary["cost"] = _cost(args, evaluate, placement, placements["contiguous"], predictor)
+    elif args.model is not None:
+        raise InputError("--model gives the shape for the cost model: pass --hardware too")
     _print(args, summary, rows, {"path": str(args.trace), "tokens": evaluate.num_tokens})
     return 0
+
+
+def _cost(args, trace: RoutingTrace, placement: Placement, contiguous: Placement, predictor) -> dict:
+    """Every strategy x transport on the placement (+ two_a2a on contiguous), through the cost model."""
+    hardware = load_profile(args.hardware)
+    model = _model_shape(args, trace)
+    if args.transport == "all":
+        transports = [t for t in Transport if placement.cluster.nodes > 1 or t is not Transport.NODE_AWARE]
+    else:
+        transports = [Transport.parse(args.transport)]
+    can_speculate = predictor is not None
+    strategies = [s for s in Strategy if can_speculate or not s.needs_predictor]
+    options = SimOptions(hidden_size=model.hidden_size, dtype_bytes=model.dtype_bytes,
+                         kv_entry_bytes=model.kv_entry_bytes, attention_layers=model.attention_layers)
+    tokens = args.tokens_per_step
+    base = choose({(Strategy.TWO_A2A, t): simulate(trace, contiguous, Strategy.TWO_A2A, options=options, transport=t)
+                   for t in transports}, model=model, hardware=hardware, tokens_per_step=tokens)
+    candidates = {(s, t): simulate(trace, placement, s, predictor=predictor, options=options, transport=t)
+                  for s in strategies for t in transports}
+    best, rows, reason = choose(candidates, model=model, hardware=hardware, tokens_per_step=tokens)
+    baseline = next((r for r in base[1] if r["transport"] == Transport.A2A.value), None)
+    rows = [dict(r, placement="ours") for r in rows] + [dict(r, placement="contiguous") for r in base[1]]
+    for r in rows:
+        r["vs_baseline"] = None if baseline is None else r["step_ms"] / baseline["step_ms"]
+    notes = []
+    if (trace.top_k, trace.num_experts) != (model.top_k, model.num_experts or trace.num_experts) or \
+            trace.num_layers != model.moe_layers:
+        notes.append(f"the trace has {trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.top_k}; "
+                     f"the model {model.moe_layers} x {model.num_experts}, top-{model.top_k}: transfers per "
+                     f"token-layer come from the trace, row bytes and the layer count from the model")
+    return {"hardware": hardware.to_dict(), "model": dataclasses.asdict(model), "tokens_per_step": tokens,
+            "rows": rows, "choice": {"strategy": best[0].value, "transport": best[1].value}, "reason": reason,
+            "baseline": "contiguous two_a2a+a2a", "notes": notes}
+
+
+def _model_shape(args, trace: RoutingTrace) -> ModelShape:
+    if args.model is None:
+        if args.hidden_size is None or args.kv_entry_bytes is None:
+            raise InputError("the cost model needs the model's shape: pass --model DIR (its config.json), or "
+                             "--hidden-size and --kv-entry-bytes")
+        layers = args.attention_layers or trace.num_layers
+        return ModelShape(hidden_size=args.hidden_size, top_k=trace.top_k, moe_layers=trace.num_layers,
+                          attention_layers=layers, kv_entry_bytes=args.kv_entry_bytes, dtype_bytes=args.dtype_bytes,
+                          num_experts=trace.num_experts)
+    return model_shape_from_dir(args.model)
+
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
+
+
+def model_shape_from_dir(path: str | Path) -> ModelShape:
+    """The cost model's shape from a Hugging Face checkpoint's config.json (Mixtral, Qwen2/3-MoE, OLMoE,
+    DeepSeek-V2/V3 keys). Shapes only: the checkpoint itself is not read."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise InputError(f"{file}: not found (--model needs a checkpoint directory with config.json)")
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{file}: not valid JSON ({exc})") from None
+
+    def need(*keys):
+        for key in keys:
+            if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
+                return d[key]
+        raise InputError(f"{file}: missing integer field {' / '.join(repr(k) for k in keys)}")
+
+    layers, hidden = need("num_hidden_layers"), need("hidden_size")
+    experts = need("n_routed_experts", "num_local_experts", "num_experts")
+    if "first_k_dense_replace" in d:                   # DeepSeek: dense first layers, then every moe_layer_freq-th
+        freq = d.get("moe_layer_freq", 1) or 1
+        moe = sum(1 for i in range(layers) if i >= d["first_k_dense_replace"] and i % freq == 0)
+    elif "decoder_sparse_step" in d or "mlp_only_layers" in d:
+        step, dense = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or ())
+        moe = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    else:
+        moe = layers
+    dtype = d.get("torch_dtype", d.get("dtype", "bfloat16"))
+    if dtype not in _DTYPE_BYTES:
+        raise InputError(f"{file}: dtype {dtype!r} is not one of {', '.join(_DTYPE_BYTES)}")
+    fields = dict(hidden_size=hidden, num_layers=layers, moe_layers=moe, top_k=need("num_experts_per_tok"),
+                  dtype_bytes=_DTYPE_BYTES[dtype], num_experts=experts, name=str(d.get("model_type", "")))
+    if d.get("kv_lora_rank"):                           # MLA caches the latent and the rotary key part
+        return ModelShape.from_fields(**fields, kv_latent_dim=need("kv_lora_rank") + need("qk_rope_head_dim"))
+    heads = need("num_attention_heads")
+    kv_heads = d.get("num_key_value_heads") or heads
+    return ModelShape.from_fields(**fields, num_kv_heads=kv_heads, head_dim=d.get("head_dim") or hidden // heads)
 
 
 def _refine(fit: RoutingTrace, solved: Placement, stats, args) -> Placement:
@@ -211,6 +321,9 @@ def _predictor_path(args, placement: Placement) -> Path:
     return Path(args.placement).with_name(name)
 
 
+_COST_COLUMNS = (("placement", "placement", "{}"),) + COST_COLUMNS
+
+
 def _progress():
     start = time.perf_counter()
     return lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -230,6 +343,16 @@ def _print(args, summary: dict, rows: list[dict], trace_info: dict) -> None:
     print(format_table(rows))
     if "objective_note" in summary:
         print(f"objective: {summary['objective_note']}")
+    cost = summary.get("cost")
+    if cost:
+        hw = cost["hardware"]
+        print(f"\nmodelled communication time on {hw['name']}, {cost['tokens_per_step']} tokens per step "
+              f"(MODELLED, not measured; vs {cost['baseline']}):")
+        print(format_cost_table(cost["rows"], _COST_COLUMNS))
+        for note in cost["notes"]:
+            print(f"note: {note}")
+        print(f"choice: {cost['reason']}")
+        print("profile sources: " + "; ".join(f"{s['url']}: {s['says']}" for s in hw["sources"]))
     acc = summary.get("predictor_accuracy")
     if acc:
         print("predictor accuracy per layer (held out): " + " ".join(f"{a:.2f}" for a in acc["accuracy_L"]))

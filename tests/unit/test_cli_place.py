@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from launch.cli import main
-from placement import Placement
+from placement import InputError, Placement
 from placement.predictor import SpeculativePredictor
 from placement.synthetic import SyntheticSpec, synthetic_trace
 from tests.conftest import REPO_ROOT
@@ -201,3 +201,97 @@ def test_place_refine_lowers_fit_transfers(tmp_path, flame_encoder_trace_path, c
     summary = json.loads(out)
     assert summary["objective"]["value"] <= summary["objective"]["upper_bound"]
     assert placement.anchors is not None
+
+
+# ---- simulate --hardware: the cost model ---------------------------------------------------------------------
+from tests.conftest import DEFAULT_MODEL_DIR  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_node_placement(tmp_path_factory, synthetic_path):
+    out = tmp_path_factory.mktemp("placements") / "p2.json"
+    assert main(["place", "--trace", str(synthetic_path), "--nodes", "2", "--gpus-per-node", "2", "-o", str(out),
+                 *FAST]) == 0
+    return out
+
+
+def test_simulate_hardware_models_every_strategy_and_transport(two_node_placement, synthetic_path, capsys):
+    rc, out, _ = _run(["simulate", "--trace", synthetic_path, "--placement", two_node_placement, "--hardware",
+                       "h800-ib400", "--model", DEFAULT_MODEL_DIR, "--tokens-per-step", 32, "--json"], capsys)
+    assert rc == 0
+    cost = json.loads(out)["cost"]
+    assert cost["tokens_per_step"] == 32 and cost["hardware"]["name"] == "h800-ib400"
+    assert cost["model"]["hidden_size"] == 128 and cost["model"]["kv_entry_bytes"] == 2 * 2 * 32 * 4  # float32
+    keys = {(r["placement"], r["strategy"], r["transport"]) for r in cost["rows"]}
+    assert {(s, t) for p, s, t in keys if p == "ours"} == {(s, t) for s in ("two_a2a", "coherent", "speculative",
+                                                                          "speculative_two_a2a")
+                                                            for t in ("a2a", "fixed", "node_aware")}
+    base = next(r for r in cost["rows"] if (r["placement"], r["strategy"], r["transport"]) ==
+                ("contiguous", "two_a2a", "a2a"))
+    assert base["vs_baseline"] == 1.0 and base["bottleneck"] in ("intra_node", "inter_node")
+    best = cost["rows"][0]
+    assert (best["strategy"], best["transport"]) == (cost["choice"]["strategy"], cost["choice"]["transport"])
+    na = {r["strategy"]: r for r in cost["rows"] if r["placement"] == "ours" and r["transport"] == "node_aware"}
+    a2a = {r["strategy"]: r for r in cost["rows"] if r["placement"] == "ours" and r["transport"] == "a2a"}
+    assert na["two_a2a"]["inter_MB"] < a2a["two_a2a"]["inter_MB"]
+    rc, out, _ = _run(["simulate", "--trace", synthetic_path, "--placement", two_node_placement, "--hardware",
+                       "shaped:20mbit", "--model", DEFAULT_MODEL_DIR, "--transport", "fixed"], capsys)
+    assert rc == 0
+    assert "modelled communication time on shaped:20 Mbit/s, 64 tokens per step (MODELLED" in out
+    for text in ("us/MoE layer", "ms/step", "vs two_a2a+a2a", "bottleneck", "inter-node MB/step", "choice: ",
+                 "profile sources: bench/calibrate_gloo.py"):
+        assert text in out
+    assert " node_aware " not in out and " a2a " not in out.split("MODELLED")[1].split("choice:")[0]
+
+
+def test_simulate_hardware_bad_inputs(tmp_path, synthetic_path, two_node_placement, capsys):
+    one_node = tmp_path / "p1.json"
+    assert _run(["place", "--trace", synthetic_path, "--gpus-per-node", 4, "-o", one_node, *FAST], capsys)[0] == 0
+    common = ["simulate", "--trace", synthetic_path, "--model", DEFAULT_MODEL_DIR]
+    rc, out, _ = _run(common + ["--placement", one_node, "--hardware", "cpu-gloo", "--json"], capsys)
+    assert rc == 0 and {r["transport"] for r in json.loads(out)["cost"]["rows"]} == {"a2a", "fixed"}
+    profile = tmp_path / "hw.json"
+    profile.write_text(json.dumps({"name": "x", "intra_node": {"alpha_s": 1e-6, "beta_bytes_per_s": 1e9},
+                                   "inter_node": {"alpha_s": -2e-6, "beta_bytes_per_s": 1e9}}))
+    cases = [(["--placement", one_node, "--hardware", "cpu-gloo", "--transport", "node_aware"],
+              "node_aware needs at least 2 nodes"),
+             (["--placement", two_node_placement, "--hardware", "a100"],
+              "unknown hardware 'a100' (known: cpu-gloo, h800-ib400, shaped:RATE, or a profile .json file)"),
+             (["--placement", two_node_placement, "--hardware", profile], "inter_node.alpha_s must be a finite "
+                                                                          "number >= 0, got -2e-06"),
+             (["--placement", two_node_placement, "--hardware", tmp_path / "none.json"],
+              "hardware profile file not found"),
+             (["--placement", two_node_placement, "--hardware", "shaped:0mbit"], "must be > 0")]
+    for extra, message in cases:
+        rc, _, err = _run(common + extra, capsys)
+        assert (rc, message in err, "Traceback" in err) == (2, True, False), (extra, err)
+    rc, _, err = _run(["simulate", "--trace", synthetic_path, "--placement", two_node_placement, "--hardware",
+                       "cpu-gloo"], capsys)
+    assert rc == 2 and "pass --model DIR (its config.json), or --hidden-size and --kv-entry-bytes" in err
+    rc, out, _ = _run(["simulate", "--trace", synthetic_path, "--placement", two_node_placement, "--hardware",
+                       "cpu-gloo", "--hidden-size", 64, "--kv-entry-bytes", 256, "--json"], capsys)
+    assert rc == 0 and json.loads(out)["cost"]["model"]["top_k"] == 2
+
+
+def test_model_shape_from_hf_configs(tmp_path):
+    from launch.place_cmd import model_shape_from_dir
+    configs = {
+        "dsv3": ({"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61,
+                  "num_attention_heads": 128, "n_routed_experts": 256, "num_experts_per_tok": 8,
+                  "first_k_dense_replace": 3, "moe_layer_freq": 1, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                  "torch_dtype": "bfloat16"}, (58, 61, 576 * 2, 8, 256)),
+        "qwen3": ({"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+                   "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                   "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                   "torch_dtype": "bfloat16"}, (48, 48, 2 * 4 * 128 * 2, 8, 128)),
+    }
+    for name, (cfg, (moe, attn, kv, k, e)) in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        m = model_shape_from_dir(tmp_path / name)
+        assert (m.moe_layers, m.attention_layers, m.kv_entry_bytes, m.top_k, m.num_experts) == (moe, attn, kv, k, e)
+    with pytest.raises(InputError, match="missing integer field 'num_experts_per_tok'"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text(json.dumps({"hidden_size": 8, "num_hidden_layers": 2,
+                                                                  "num_experts": 4}))
+        model_shape_from_dir(tmp_path / "bad")
