@@ -161,7 +161,7 @@ def layer_rank(topology, spec: Spec) -> dict:
         coll = Collectives(topology, CommCounters())
         d = make_dispatcher(strategy, coll, torch.as_tensor(runner.placement.expert_to_gpu_LE), top_k=cfg.top_k,
                             hidden_size=cfg.hidden_size, dtype=torch.float32)
-        impls[strategy.value] = lambda d=d: _our_layer(block, d, h_TD[mine_N], mine_N)
+        impls[strategy.value] = lambda d=d: _our_layer(block, d, h_TD[mine_N], mine_N, T)
         res[f"{strategy.value}_counters"] = coll.counters      # filled in while timing; rows below
     with torch.inference_mode():
         outs = {name: fn() for name, fn in impls.items()}    # warm-up, and the outputs compared
@@ -182,10 +182,10 @@ def layer_rank(topology, spec: Spec) -> dict:
     return res
 
 
-def _our_layer(block, dispatcher, x_ND, token_N):
+def _our_layer(block, dispatcher, x_ND, token_N, num_step_tokens: int):
     w_NK, ids_NK = block.router.route(x_ND)
     work, handle = dispatcher.dispatch(x_ND, token_N, ids_NK, w_NK, torch.zeros(len(token_N), dtype=torch.bool),
-                                       layer=0, step_has_prefill=False)
+                                       layer=0, step_has_prefill=False, num_step_tokens=num_step_tokens)
     partial_MD = block.local_weighted_sum(work.x_MD, work.topk_ids_MK, work.topk_weights_MK, work.use_MK)
     got = dispatcher.combine(partial_MD, handle)
     return got.token_A, got.y_AD

@@ -55,19 +55,34 @@ class CommCounters:
 
     def __init__(self) -> None:
         self._stats: dict[Key, CollStat] = {}
+        self._pending: list[tuple[Key, CollStat]] = []   # figures still on the device (fixed transport)
 
-    def record(self, kind: CollKind, *, phase: str, layer: int | None, rows: int = 0, cross_node_rows: int = 0,
-               payload_bytes: int = 0, wire_bytes: int = 0) -> None:
-        stat = self._stats.setdefault((kind, phase, layer), CollStat())
-        stat.add(CollStat(calls=1, rows=rows, cross_node_rows=cross_node_rows, payload_bytes=payload_bytes,
-                          wire_bytes=wire_bytes))
+    def record(self, kind: CollKind, *, phase: str, layer: int | None, rows=0, cross_node_rows=0,
+               payload_bytes=0, wire_bytes: int = 0) -> None:
+        """Figures are ints, or device scalars (no host sync here: they are read when the counters are)."""
+        key = (kind, phase, layer)
+        stat = self._stats.setdefault(key, CollStat())
+        late = CollStat(rows=rows, cross_node_rows=cross_node_rows, payload_bytes=payload_bytes)
+        if any(not isinstance(v, int) for v in (rows, cross_node_rows, payload_bytes)):
+            self._pending.append((key, late))
+            late = CollStat()
+        late.calls, late.wire_bytes = 1, wire_bytes
+        stat.add(late)
+
+    def _resolve(self) -> None:
+        """Bring device figures to the host (a sync: only when someone reads the counters)."""
+        pending, self._pending = self._pending, []
+        for key, late in pending:
+            self._stats[key].add(CollStat(**{k: int(v) for k, v in late.to_dict().items()}), calls=False)
 
     def reset(self) -> None:
         self._stats.clear()
+        self._pending.clear()
 
     def total(self, kind: CollKind | None = None, *, phase: str | None = None, layer: int | None = -1) -> CollStat:
         """Sum over the entries matching ``kind``/``phase``/``layer`` (None matches any kind/phase;
         ``layer=-1`` matches any layer, ``layer=None`` only entries that belong to no layer)."""
+        self._resolve()
         out = CollStat()
         for (k, p, lay), stat in self._stats.items():
             if (kind is None or k is kind) and (phase is None or p == phase) and (layer == -1 or lay == layer):
@@ -75,6 +90,7 @@ class CommCounters:
         return out
 
     def layers(self) -> list[int]:
+        self._resolve()
         return sorted({lay for (_, _, lay) in self._stats if lay is not None})
 
     def data_all_to_all_calls(self, layer: int) -> int:
@@ -83,6 +99,7 @@ class CommCounters:
 
     def to_rows(self) -> list[dict]:
         """JSON-able, sorted: one dict per (kind, phase, layer)."""
+        self._resolve()
         rows = [{"kind": k.value, "phase": p, "layer": lay, **s.to_dict()} for (k, p, lay), s in self._stats.items()]
         return sorted(rows, key=lambda r: (r["kind"], r["phase"], -1 if r["layer"] is None else r["layer"]))
 
@@ -99,6 +116,8 @@ class CommCounters:
         """Group totals: rows and bytes summed over ranks; calls are collective, so every rank made the same
         number and that number is kept (a mismatch means the ranks fell out of lockstep: raised)."""
         out = cls()
+        for c in per_rank:
+            c._resolve()
         keys = set().union(*(c._stats for c in per_rank)) if per_rank else set()
         for key in keys:
             stats = [c._stats.get(key, CollStat()) for c in per_rank]

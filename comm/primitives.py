@@ -56,12 +56,15 @@ class Collectives:
 
     def all_to_all_rows(self, send_NB: torch.Tensor, send_counts: list[int], recv_counts: list[int], *,
                         kind: CollKind, phase: str, layer: int | None, payload_bytes_per_row: int,
-                        rows_per_send_row: int = 1, async_op: bool = False):
+                        rows_per_send_row: int = 1, async_op: bool = False,
+                        real_rows_G: torch.Tensor | None = None):
         """Send rows ``send_NB`` grouped by destination (``send_counts[g]`` rows to rank g) and receive
         ``recv_counts[s]`` rows from each rank s. Returns ``(recv_MB, work)``; ``work`` is None unless
         ``async_op`` (then the caller must ``work.wait()`` before reading ``recv_MB``).
 
         Counted: rows sent to other ranks x ``rows_per_send_row`` (e.g. attention layers packed in one row).
+        ``real_rows_G`` (fixed-capacity buffers): a device count of the real rows in each destination's block;
+        transfers and payload count those (read by the counters later, never here), wire bytes every row.
         """
         G, me = self.world_size, self.rank
         if len(send_counts) != G or len(recv_counts) != G or sum(send_counts) != send_NB.shape[0]:
@@ -73,14 +76,40 @@ class Collectives:
         recv_MB = torch.empty(recv_shape, dtype=send_NB.dtype, device=send_NB.device)
         work = dist.all_to_all_single(recv_MB, send_NB, list(recv_counts), list(send_counts),
                                       group=self.topology.group, async_op=async_op)
-        out_rows = sum(send_counts) - send_counts[me]
-        node, per_node = self.topology.node, self.topology.gpus_per_node
-        cross_rows = sum(n for g, n in enumerate(send_counts) if g // per_node != node)
+        wire_rows = sum(send_counts) - send_counts[me]
         row_bytes = math.prod(send_NB.shape[1:]) * send_NB.element_size()
+        node, per_node = self.topology.node, self.topology.gpus_per_node
+        if real_rows_G is None:
+            out_rows = wire_rows
+            cross_rows = sum(n for g, n in enumerate(send_counts) if g // per_node != node)
+        else:   # device scalars, resolved by CommCounters when read
+            other_G = torch.arange(G, device=real_rows_G.device) // per_node != node
+            out_rows = real_rows_G.sum() - real_rows_G[me]
+            cross_rows = (real_rows_G * other_G).sum()
         self.counters.record(kind, phase=phase, layer=layer, rows=out_rows * rows_per_send_row,
                              cross_node_rows=cross_rows * rows_per_send_row,
-                             payload_bytes=out_rows * payload_bytes_per_row, wire_bytes=out_rows * row_bytes)
+                             payload_bytes=out_rows * payload_bytes_per_row, wire_bytes=wire_rows * row_bytes)
         return recv_MB, work
+
+    def copy_to_all(self, payload_B: torch.Tensor, recv_bytes: list[int], *, kind: CollKind, phase: str,
+                    rows: int, payload_bytes: int):
+        """Send the same uint8 ``payload_B`` to every other rank, on the topology's K/V group, asynchronously;
+        ``recv_bytes[s]`` bytes come from rank s. Returns ``(recv_B, work)`` (``work.wait()`` before reading).
+        Counted as ``rows`` and ``payload_bytes`` per destination."""
+        G, me = self.world_size, self.rank
+        if G == 1:
+            return payload_B[:0].clone(), None
+        send_B = payload_B.repeat(G - 1).contiguous()
+        send_counts = [0 if g == me else payload_B.numel() for g in range(G)]
+        recv = [0 if g == me else n for g, n in enumerate(recv_bytes)]
+        recv_B = torch.empty(sum(recv), dtype=torch.uint8, device=payload_B.device)
+        work = dist.all_to_all_single(recv_B, send_B, recv, send_counts, group=self.topology.kv_group,
+                                      async_op=True)
+        node, per_node = self.topology.node, self.topology.gpus_per_node
+        cross = sum(1 for g in range(G) if g // per_node != node)
+        self.counters.record(kind, phase=phase, layer=None, rows=rows * (G - 1), cross_node_rows=rows * cross,
+                             payload_bytes=payload_bytes * (G - 1), wire_bytes=payload_B.numel() * (G - 1))
+        return recv_B, work
 
     def all_gather_rows(self, x_NX: torch.Tensor, *, phase: str, layer: int | None = None) -> torch.Tensor:
         """[N, ...] from every rank (the same N everywhere) -> [G, N, ...]."""

@@ -42,6 +42,9 @@ class EPTopology:
     device: torch.device
     group: object | None = None       # the EP data group (None: world size 1, no torch.distributed)
     cpu_group: object | None = None   # gloo group for control messages (== group under gloo)
+    kv_group: object | None = None    # coherent K/V copies: a communicator of their own, so that a copy in
+                                      # flight never queues in front of a dispatch (NCCL runs one
+                                      # communicator's collectives in order)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -97,8 +100,9 @@ def init_ep_topology(*, rank: int, world_size: int, local_world_size: int, init_
                             timeout=timeout)
     group = dist.group.WORLD
     cpu_group = group if backend is Backend.GLOO else dist.new_group(backend="gloo", timeout=timeout)
+    kv_group = dist.new_group(backend=backend.value, timeout=timeout)
     return EPTopology(rank=rank, world_size=world_size, gpus_per_node=local_world_size, backend=backend,
-                      device=device, group=group, cpu_group=cpu_group)
+                      device=device, group=group, cpu_group=cpu_group, kv_group=kv_group)
 
 
 def shutdown_ep_topology(topology: EPTopology) -> None:

@@ -44,7 +44,7 @@ class RowCodec:
             v = values[f.name]
             if v.shape != (n, f.width):
                 raise ValueError(f"field {f.name}: expected [{n}, {f.width}], got {tuple(v.shape)}")
-            parts.append(v.to(device=device, dtype=f.dtype).contiguous().view(torch.uint8).reshape(n, f.nbytes))
+            parts.append(v.to(device=device, dtype=f.dtype).reshape(-1).contiguous().view(torch.uint8).reshape(n, f.nbytes))
         if not parts:
             return torch.empty((n, 0), dtype=torch.uint8, device=device)
         return torch.cat(parts, dim=1)
@@ -67,3 +67,18 @@ def dispatch_codec(hidden_size: int, top_k: int, dtype: torch.dtype) -> RowCodec
     return RowCodec((Field("x", dtype, hidden_size), Field("topk_ids", torch.int32, top_k),
                      Field("topk_weights", torch.float32, top_k), Field("token", torch.int32, 1),
                      Field("anchor", torch.int32, 1)))
+
+
+def combine_codec(hidden_size: int, dtype: torch.dtype) -> RowCodec:
+    """One partial output on its way to be summed: the token it belongs to and the partial weighted sum."""
+    return RowCodec((Field("token", torch.int32, 1), Field("y", dtype, hidden_size)))
+
+
+def field_offset(codec: RowCodec, name: str) -> tuple[int, int]:
+    """(first byte, bytes) of a field inside a packed row."""
+    start = 0
+    for f in codec.fields:
+        if f.name == name:
+            return start, f.nbytes
+        start += f.nbytes
+    raise KeyError(name)

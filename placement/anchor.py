@@ -4,7 +4,7 @@ Shapes: T tokens, N tokens of one layer, L MoE layers, K experts per token (top-
 
     fit trace + placement --fit_anchor_table--> AnchorTable(score_LEG: int32 [L, E, G])
     routing of one layer [N, K] + ranks [N, K] + score_EG --choose_anchors--> anchor rank per token [N]
-    (comm/route_plan.py ``table_anchor_N`` is the torch twin; a test holds them equal)
+    (comm/routes.py ``table_anchor_N`` is the torch twin; a test holds them equal)
 
 The rule (binding: simulator and runtime use exactly this). A decode token at MoE layer l picks experts
 e_1..e_K (router-weight order) on ranks r_1..r_K. Each candidate rank gets the integer score

@@ -1,7 +1,7 @@
 """build_runner: checkpoint + topology + strategy + placement --> this rank's Runner.
 
     config.json --> placement (given, or contiguous) checked against the model and the world size
-        --> load_model(experts = this rank's experts only) --> dispatcher (factory, by Strategy)
+        --> load_model(experts = this rank's experts only) --> dispatcher (factory, by Strategy x Transport)
         --> KV store (replicated under coherent strategies) --> Runner
 """
 
@@ -24,6 +24,7 @@ from epserve.model.config import ModelConfig
 from epserve.model.loader import load_model
 from placement.errors import InputError, PlacementError
 from placement.placement import Placement, contiguous_placement
+from placement.transport import Transport
 
 
 def check_placement(placement: Placement | None, config: ModelConfig, topology: EPTopology) -> Placement:
@@ -51,10 +52,12 @@ def load_predictor(path: str | Path | None, strategy: Strategy, placement: Place
 def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strategy,
                  placement: Placement | None = None, predictor_path: str | Path | None = None,
                  kv_cache_tokens: int = 8192, kv_block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 record_tokens: int = 0, check_splits: bool = False, forced_routing_trace=None) -> Runner:
+                 record_tokens: int = 0, check_splits: bool = False, forced_routing_trace=None,
+                 transport: Transport = Transport.A2A, capacity: int | None = None) -> Runner:
     """This rank's Runner. Reads only this rank's experts; ``kv_cache_tokens`` is the KV capacity of each
     rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens; ``forced_routing_trace``
-    (a RoutingTrace; benchmarks only) replaces the router's choices by the trace's."""
+    (a RoutingTrace; benchmarks only) replaces the router's choices by the trace's. ``transport`` moves the
+    rows (``capacity``: rows per peer of the fixed transport; default: sized from each step)."""
     config = ModelConfig.from_dir(model_dir)
     placement = check_placement(placement, config, topology)
     mine_LX = placement.experts_on(topology.rank)
@@ -64,7 +67,8 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
     dispatcher = make_dispatcher(strategy, coll, torch.as_tensor(placement.expert_to_gpu_LE), top_k=config.top_k,
                                  hidden_size=config.hidden_size, dtype=dtype,
                                  predictor=load_predictor(predictor_path, strategy, placement),
-                                 anchors=placement.anchors, check_splits=check_splits)
+                                 anchors=placement.anchors, check_splits=check_splits, transport=transport,
+                                 capacity=capacity)
     kv = KVStore(KVCacheConfig(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
                                head_dim=config.head_dim, capacity_tokens=kv_cache_tokens, block_size=kv_block_size,
                                dtype=dtype),

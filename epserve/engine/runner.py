@@ -18,7 +18,7 @@ D hidden, K top-k, V vocab, S cache keys, Hkv kv heads, d head_dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -50,6 +50,15 @@ def kv_groups(num_layers: int, moe_layer_ids: tuple[int, ...]) -> list[tuple[int
     return groups
 
 
+@dataclass
+class _Attempt:
+    """What one run of a step collects before it is known to be kept (a fixed buffer may overflow)."""
+
+    held_bound: int = 0
+    overflow: torch.Tensor | None = None    # device bool: some fixed buffer overflowed on this rank
+    routed: list = field(default_factory=list)   # (MoE layer, topk ids) for the live statistics
+
+
 @dataclass(frozen=True)
 class _Held:
     """Tokens held on this rank, by step-local index (ascending), with their hidden states."""
@@ -73,6 +82,7 @@ class Runner:
         self._trailing_group = len(config.moe_layer_ids) if len(self.groups) > len(config.moe_layer_ids) else None
         self.coherence = KVCoherence(coll, kv.cache, self.groups) if dispatcher.replicated_kv else None
         self._prev_rank: dict[int, int] = {}   # seq_id -> rank where its last decode token was sampled
+        self.retried_steps = 0                 # steps run again after a fixed buffer overflowed
         self.live_stats = None   # epserve.engine.live_stats.LiveStats, attached by the engine
 
     # ---- queries for the scheduler --------------------------------------------------------------------
@@ -90,9 +100,9 @@ class Runner:
     # ---- the step --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan, *, return_logits: bool = False) -> StepResult:
+        if self.coherence is not None:
+            self.coherence.wait()   # the last step's copies: before blocks are freed or the cache is read
         if plan.release:
-            if self.coherence is not None:
-                self.coherence.flush()   # copies in flight may target blocks about to be freed
             self.kv.release(plan.release)
             for s in plan.release:
                 self._prev_rank.pop(s, None)
@@ -104,10 +114,20 @@ class Runner:
         slot_T = self._slot_T(batch, new_slots)
         if self.recorder is not None:
             self.recorder.begin_step(batch)
-        held = self._start(batch)
-        for layer in self.model.layers:
-            held = self._layer(layer, batch, held, slot_T)
-        return self._finish(batch, held, slot_T, return_logits)
+        while True:
+            attempt = _Attempt()
+            held = self._start(batch, attempt)
+            for layer in self.model.layers:
+                held = self._layer(layer, batch, held, slot_T, attempt)
+            result = self._finish(batch, held, slot_T, return_logits, attempt)
+            if result is not None:
+                return result
+            # some fixed buffer overflowed on some rank (every rank saw it in the same gather): run the step
+            # again with more room; K/V rows, recorder rows and logits are all overwritten by the rerun
+            self.dispatcher.grow_capacity()
+            self.retried_steps += 1
+            if self.coherence is not None:
+                self.coherence.discard()
 
     def _slot_T(self, batch: StepBatch, new_slots: dict[int, torch.Tensor]) -> torch.Tensor:
         """Cache slot of every step token (-1 where this rank does not hold the sequence's KV)."""
@@ -120,23 +140,25 @@ class Runner:
             start = end
         return slot_T
 
-    def _start(self, batch: StepBatch) -> _Held:
+    def _start(self, batch: StepBatch, attempt: "_Attempt") -> _Held:
         prev_W = np.array([self._prev_rank.get(w.seq_id, -1) for w in batch.plan.work], dtype=np.int64)
         prev_T = prev_W[batch.work_T]   # one look-up per sequence, not per token (prefill chunks are long)
         start_T = self.dispatcher.start_ranks_T(home_T=batch.home_T, prev_rank_T=prev_T,
                                                 is_prefill_T=batch.is_prefill_T, token_ids_T=batch.token_T)
+        # no rank can hold more tokens than this at any MoE layer (identical on every rank: step metadata)
+        attempt.held_bound = batch.num_tokens if self.dispatcher.tokens_move else \
+            int(np.bincount(start_T, minlength=self.topology.world_size).max())
         token_N = torch.as_tensor(np.flatnonzero(start_T == self.topology.rank), dtype=torch.long)
         ids_N = torch.as_tensor(batch.token_T, device=self.topology.device)[token_N.to(self.topology.device)]
         return _Held(token_N, self.model.embed_tokens(ids_N))
 
-    def _layer(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor) -> _Held:
-        group = self._group_of_layer[layer.layer]
-        if self.coherence is not None and layer.layer == self.groups[group][0]:
-            self.coherence.wait(group)
+    def _layer(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor, attempt: "_Attempt") -> _Held:
         x_ND = held.x_ND + self._attention(layer, batch, held, slot_T)
         if layer.moe_index is None:
             return _Held(held.token_N, x_ND + layer.mlp(layer.post_attn_norm(x_ND)))
-        return self._moe(layer, batch, _Held(held.token_N, x_ND), slot_T, group)
+        if self.coherence is not None:   # the K/V of this group's layers were computed here for these tokens
+            self.coherence.note(self._group_of_layer[layer.layer], held.token_N)
+        return self._moe(layer, batch, _Held(held.token_N, x_ND), attempt)
 
     def _attention(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor) -> torch.Tensor:
         dev = self.topology.device
@@ -160,7 +182,7 @@ class Runner:
         upto_U = torch.zeros(len(seq_U), dtype=torch.long).scatter_reduce(0, inverse_N, pos_N + 1, "amax")
         return seq_U.tolist(), upto_U.tolist()  # host-side metadata (CPU tensors)
 
-    def _moe(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor, group: int) -> _Held:
+    def _moe(self, layer, batch: StepBatch, held: _Held, attempt: "_Attempt") -> _Held:
         mlp, m, dev = layer.mlp, layer.moe_index, self.topology.device
         h_ND = layer.post_attn_norm(held.x_ND)
         if self.forced_routing is None:
@@ -171,26 +193,25 @@ class Runner:
                                                                torch.as_tensor(batch.pos_T)[t_N], dev)
         if self.recorder is not None:
             self.recorder.record(m, held.token_N, topk_ids_NK, topk_w_NK)
-        if self.live_stats is not None:
-            self.live_stats.record(m, topk_ids_NK)
+        attempt.routed.append((m, topk_ids_NK))
         is_prefill_N = torch.as_tensor(batch.is_prefill_T)[held.token_N].to(dev)
-        side = (len(held.token_N),) if self.coherence is not None else ()
-        work, handle = self.dispatcher.dispatch(held.x_ND, held.token_N.to(dev), topk_ids_NK, topk_w_NK,
-                                                is_prefill_N, layer=m, step_has_prefill=batch.has_prefill,
-                                                side_counts=side)
-        if self.coherence is not None:
-            self.coherence.launch(group, held.token_N, handle.peer_side_counts_GC[:, 0].tolist(), slot_T,
-                                  moe_layer=m)
+        work, handle = self.dispatcher.dispatch(held.x_ND, held.token_N, topk_ids_NK, topk_w_NK, is_prefill_N,
+                                                layer=m, step_has_prefill=batch.has_prefill,
+                                                num_step_tokens=batch.num_tokens, held_bound=attempt.held_bound)
         partial_MD = mlp.local_weighted_sum(layer.post_attn_norm(work.x_MD), work.topk_ids_MK,
                                             work.topk_weights_MK, work.use_MK)
         anchored = self.dispatcher.combine(partial_MD, handle)
+        if anchored.overflow is not None:
+            attempt.overflow = anchored.overflow if attempt.overflow is None else attempt.overflow | anchored.overflow
         y_AD = anchored.y_AD
         shared_AD = mlp.shared_output(layer.post_attn_norm(anchored.x_AD))
         if shared_AD is not None:
             y_AD = y_AD + shared_AD
-        return _Held(anchored.token_A.cpu(), anchored.x_AD + y_AD)   # host sync: token indices are host metadata
+        return _Held(anchored.token_A, anchored.x_AD + y_AD)   # token_A: host metadata from the transport
 
-    def _finish(self, batch: StepBatch, held: _Held, slot_T: torch.Tensor, return_logits: bool) -> StepResult:
+    def _finish(self, batch: StepBatch, held: _Held, slot_T: torch.Tensor, return_logits: bool,
+                attempt: "_Attempt") -> StepResult | None:
+        """The step's result, or None when a fixed buffer overflowed on some rank (then nothing is kept)."""
         works, dev = batch.plan.work, self.topology.device
         W = len(works)
         row_of_token = {t: n for n, t in enumerate(held.token_N.tolist())}
@@ -201,15 +222,27 @@ class Runner:
         sampled = sample_rows(logits_RV[[mine_W.index(w) for w in sample_W]],
                               [works[w].sampling for w in sample_W],
                               [int(batch.pos_T[batch.last_W[w]]) + 1 for w in sample_W])
-        mine_vec = torch.full((W + 1,), NOT_HERE, dtype=torch.int64)
+        if self.coherence is not None and self._trailing_group is not None:
+            self.coherence.note(self._trailing_group, held.token_N)
+        Y = 0 if self.coherence is None else self.coherence.num_groups
+        mine_vec = torch.full((W + Y,), NOT_HERE, dtype=torch.int64)
         mine_vec[mine_W] = HERE_UNSAMPLED
         mine_vec[sample_W] = torch.tensor(sampled, dtype=torch.int64)
-        mine_vec[W] = len(held.token_N)   # K/V rows of the trailing layers computed here
-        gathered_GW = self.coll.all_gather_rows(mine_vec.to(dev), phase="sampled_ids").cpu()   # host sync
-        holder_W = self._holders(gathered_GW[:, :W], batch.plan.step)
-        if self.coherence is not None and self._trailing_group is not None:
-            self.coherence.launch(self._trailing_group, held.token_N, gathered_GW[:, W].tolist(), slot_T,
-                                  moe_layer=None)
+        if Y:
+            mine_vec[W:] = torch.tensor(self.coherence.counts_Y())   # K/V rows computed here, per group
+        overflow = torch.zeros(1, dtype=torch.int64, device=dev) if attempt.overflow is None else \
+            attempt.overflow.long().reshape(1)
+        gathered_GX = self.coll.all_gather_rows(torch.cat([mine_vec.to(dev), overflow]),
+                                                phase="sampled_ids").cpu()   # host sync (once per step)
+        if bool(gathered_GX[:, -1].any()):
+            return None
+        gathered_GW = gathered_GX[:, :W]
+        holder_W = self._holders(gathered_GW, batch.plan.step)
+        if self.coherence is not None:
+            self.coherence.launch(gathered_GX[:, W:W + Y].numpy(), slot_T)
+        if self.live_stats is not None:
+            for m, ids_NK in attempt.routed:
+                self.live_stats.record(m, ids_NK)
         next_ids = {}
         for w, work in enumerate(works):
             value = int(gathered_GW[holder_W[w], w])

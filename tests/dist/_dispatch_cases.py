@@ -15,6 +15,7 @@ from comm.counters import CommCounters
 from comm.dispatchers import make_dispatcher
 from comm.primitives import Collectives
 from comm.strategy import Strategy
+from placement.transport import Transport
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Case:
     skew_to_rank: int | None = None   # every token picks only experts living on this rank
     empty_rank: int | None = None     # no token starts on this rank
     prefill_every: int = 0            # every n-th token is a prefill token (0: none)
+    transport: Transport = Transport.A2A
+    capacity: int | None = None       # fixed transport: rows per peer (None: from the step)
 
 
 CASES = [
@@ -43,12 +46,22 @@ CASES = [
     Case("coherent all to last rank", Strategy.COHERENT, tokens=9, experts=8, top_k=2, seed=8, skew_to_rank=-1),
     Case("no tokens at all", Strategy.COHERENT, tokens=0, experts=8, top_k=2, seed=9),
 ]
+# every transport on the shapes that stress it: skew (one destination gets everything), prefill, top-3
+_MOVED = [c for c in CASES if c.name in ("two_a2a top2", "coherent top2 with prefill", "coherent top3",
+                                          "coherent all to last rank", "coherent top1", "no tokens at all")]
+CASES += [Case(**{**c.__dict__, "name": f"{c.name} [{t.value}]", "transport": t,
+                 "capacity": max(1, c.tokens) if t is Transport.FIXED else None})   # room for every row
+          for t in (Transport.FIXED, Transport.NODE_AWARE) for c in _MOVED]
+CASES += [Case("two_a2a top2 [fixed, capacity 1: overflows]", Strategy.TWO_A2A, tokens=23, experts=8, top_k=2, seed=1,
+               transport=Transport.FIXED, capacity=1),
+          Case("node_aware two_a2a top4", Strategy.TWO_A2A, tokens=20, experts=16, top_k=4, seed=10,
+               transport=Transport.NODE_AWARE)]
 
 
-def dispatch_cases(G: int) -> list[Case]:
-    """Every case, with 'the last rank' made concrete for G ranks."""
+def dispatch_cases(G: int, nodes: int = 1) -> list[Case]:
+    """Every case that fits G ranks on ``nodes`` nodes, with 'the last rank' made concrete."""
     fix = lambda c: c if c.skew_to_rank != -1 else Case(**{**c.__dict__, "skew_to_rank": G - 1})  # noqa: E731
-    return [fix(c) for c in CASES]
+    return [fix(c) for c in CASES if nodes > 1 or c.transport is not Transport.NODE_AWARE]
 
 
 def problem(case: Case, world_size: int):
@@ -83,11 +96,12 @@ def run_dispatch_cases(topology, cases: list[Case]) -> list[dict]:
         counters = CommCounters()
         coll = Collectives(topology, counters)
         d = make_dispatcher(case.strategy, coll, torch.as_tensor(e2r_E)[None], top_k=case.top_k,
-                            hidden_size=case.hidden, dtype=torch.float32, check_splits=True)
+                            hidden_size=case.hidden, dtype=torch.float32, check_splits=True,
+                            transport=case.transport, capacity=case.capacity)
         held = np.flatnonzero(start_T == topology.rank)
         t = torch.as_tensor
         work, handle = d.dispatch(t(x_TD[held]), t(held), t(ids_TK[held]), t(w_TK[held]), t(prefill_T[held]),
-                                  layer=0, step_has_prefill=bool(prefill_T.any()))
+                                  layer=0, step_has_prefill=bool(prefill_T.any()), num_step_tokens=case.tokens)
         partial_MD = torch.zeros_like(work.x_MD)
         for k in range(case.top_k):
             for m in range(work.x_MD.shape[0]):
@@ -98,5 +112,6 @@ def run_dispatch_cases(topology, cases: list[Case]) -> list[dict]:
         assert bool((t(e2r_E)[work.topk_ids_MK][work.use_MK] == topology.rank).all())
         anchored = d.combine(partial_MD, handle)
         out.append({"token": anchored.token_A.tolist(), "out": (anchored.x_AD + anchored.y_AD).numpy(),
-                    "counters": counters.to_rows()})
+                    "counters": counters.to_rows(),
+                    "overflow": None if anchored.overflow is None else bool(anchored.overflow)})
     return out

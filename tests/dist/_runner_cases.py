@@ -22,6 +22,7 @@ from epserve.model.loader import load_model
 from placement.cluster import ClusterShape
 from placement.placement import Placement
 from placement.trace import RoutingTrace
+from placement.transport import Transport
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class RunCase:
     stagger: int = 0
     record: bool = False
     predictor_path: Path | None = None
+    transport: Transport = Transport.A2A
+    capacity: int | None = None              # fixed transport: rows per peer (None: sized from each step)
+    count_syncs: bool = False                # count the host syncs of every dispatch + combine (no debug checks)
     extra: dict = field(default_factory=dict)
 
 
@@ -44,13 +48,16 @@ def run_runner_cases(topology, cases: list[RunCase]) -> list[dict]:
     for case in cases:
         runner = build_runner(case.ckpt, topology, strategy=case.strategy, placement=case.placement,
                               predictor_path=case.predictor_path, kv_cache_tokens=512, kv_block_size=4,
-                              record_tokens=4096 if case.record else 0, check_splits=True)
+                              record_tokens=4096 if case.record else 0, check_splits=not case.count_syncs,
+                              transport=case.transport, capacity=case.capacity)
+        syncs = _count_syncs(runner.dispatcher) if case.count_syncs else None
         gen = generate(runner, [list(p) for p in case.prompts], case.max_new_tokens, return_logits=True,
                        prefill_chunk=case.prefill_chunk, stagger=case.stagger)
         res = {"tokens": gen.tokens, "steps": gen.steps, "counters": runner.counters.to_rows(),
                "loaded": {m: list(ids) for m, ids in runner.model.loaded_experts.items()},
                "expert_bytes": runner.load_report.expert_bytes, "kv": runner.kv_stats(),
-               "coherence_in_flight": 0 if runner.coherence is None else runner.coherence.in_flight}
+               "coherence_in_flight": 0 if runner.coherence is None else runner.coherence.in_flight,
+               "retried_steps": runner.retried_steps, "syncs": syncs}
         if topology.rank == 0:
             res["logits"] = [[t.numpy() for t in seq] for seq in gen.logits]
         if case.record:   # collective: every rank calls it; rank 0 writes the file
@@ -60,6 +67,28 @@ def run_runner_cases(topology, cases: list[RunCase]) -> list[dict]:
                 if topology.rank == 0:
                     res["trace"], res["is_prefill"] = RoutingTrace.load(path), load_is_prefill(path)
         out.append(res)
+    return out
+
+
+def _count_syncs(dispatcher) -> list:
+    """Wrap the dispatcher so each MoE layer's dispatch + combine records [step has prefill, syncs, ops]."""
+    from tests.sync_counter import SyncCounter
+    out, dispatch, combine = [], dispatcher.dispatch, dispatcher.combine
+
+    def counted_dispatch(*args, **kwargs):
+        with SyncCounter() as s:
+            result = dispatch(*args, **kwargs)
+        out.append([kwargs["step_has_prefill"], s.count, s.ops])
+        return result
+
+    def counted_combine(partial, handle):
+        with SyncCounter() as s:
+            result = combine(partial, handle)
+        out[-1][1] += s.count
+        out[-1][2] += s.ops
+        return result
+
+    dispatcher.dispatch, dispatcher.combine = counted_dispatch, counted_combine
     return out
 
 
@@ -193,4 +222,40 @@ def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> li
                              PROMPTS, NEW, prefill_chunk=2, stagger=1))
         # one sequence, top-1: every decode step leaves at least G - 2 ranks with no token at all
         cases.append(RunCase(f"mixtral_top1/{strategy.value}/single", top1, strategy, PROMPTS[:1], NEW, record=True))
+    if G > 1:
+        cases += transport_cases(models, G, gpus_per_node, work_dir)
+    return cases
+
+
+def transport_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> list[RunCase]:
+    """The transports (fixed everywhere; node_aware where there are 2 nodes) under every policy, with solved
+    placements, mixed prefill/decode steps, a trailing K/V group, and fixed buffers so small that steps overflow
+    and run again."""
+    top2, top1 = models["mixtral_top2"], models["mixtral_top1"]
+    solved = solved_placement(top2, G, gpus_per_node)
+    transports = [Transport.FIXED] + ([Transport.NODE_AWARE] if G // gpus_per_node > 1 else [])
+    predictor = build_predictor(top2, solved, work_dir / f"transport-G{G}.predictor.npz")
+    cases = []
+    for t in transports:
+        tag = f"[{t.value}]"
+        for strategy in (*STRATEGIES, Strategy.SPECULATIVE):
+            cases.append(RunCase(f"mixtral_top2/{strategy.value}/solved{tag}", top2, strategy, PROMPTS, NEW, solved,
+                                 record=True, transport=t,
+                                 predictor_path=predictor if strategy.needs_predictor else None))
+        cases.append(RunCase(f"mixtral_top2/coherent/chunked+staggered{tag}", top2, Strategy.COHERENT, PROMPTS, NEW,
+                             prefill_chunk=3, stagger=2, transport=t))
+        cases.append(RunCase(f"mixtral_top1/coherent/solved{tag}", top1, Strategy.COHERENT, PROMPTS, NEW,
+                             record=True, transport=t))
+        cases.append(RunCase(f"qwen2/coherent/chunked+staggered{tag}", models["qwen2_dense_shared"],
+                             Strategy.COHERENT, PROMPTS, NEW, prefill_chunk=2, stagger=1, transport=t))
+    for t in (Transport.A2A, *transports):   # host syncs per MoE layer (tests/dist/test_host_syncs.py)
+        for strategy in (*STRATEGIES, Strategy.SPECULATIVE):
+            cases.append(RunCase(f"mixtral_top2/{strategy.value}/solved[{t.value}, syncs]", top2, strategy, PROMPTS,
+                                 NEW, solved, transport=t, count_syncs=True,
+                                 predictor_path=predictor if strategy.needs_predictor else None))
+    cases.append(RunCase("mixtral_top2/coherent/solved[fixed, capacity 16]", top2, Strategy.COHERENT, PROMPTS, NEW,
+                         solved, record=True, transport=Transport.FIXED, capacity=16))   # room for every row
+    for strategy in STRATEGIES:   # one row per peer: most steps overflow on some rank and run again
+        cases.append(RunCase(f"mixtral_top2/{strategy.value}/solved[fixed, capacity 1]", top2, strategy, PROMPTS,
+                             NEW, solved, transport=Transport.FIXED, capacity=1))
     return cases

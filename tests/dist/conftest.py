@@ -28,7 +28,7 @@ def dist_grid(dist_models, tmp_path_factory):
 
     def get(G: int):
         if G not in done:
-            grid = Grid(G, tuple(dispatch_cases(G)), tuple(runner_cases(dist_models, G, GPUS_PER_NODE[G], tmp_path_factory.mktemp(f"grid{G}"))))
+            grid = Grid(G, tuple(dispatch_cases(G, G // GPUS_PER_NODE[G])), tuple(runner_cases(dist_models, G, GPUS_PER_NODE[G], tmp_path_factory.mktemp(f"grid{G}"))))
             done[G] = (grid, spawn_ranks(run_grid, G, (grid,), gpus_per_node=GPUS_PER_NODE[G], timeout_s=420))
         return done[G]
 

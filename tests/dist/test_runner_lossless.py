@@ -29,6 +29,8 @@ def test_lossless_grid(dist_grid, G):
         ref_tokens, ref_logits = refs[key]
         for r in range(G):
             assert per_rank[r]["runner"][i]["tokens"] == ref_tokens, f"{case.name}: rank {r} tokens differ"
+        if case.capacity == 1:   # the fixed buffers overflowed and steps ran again, losing nothing
+            assert per_rank[0]["runner"][i]["retried_steps"] >= 1, case.name
         for s, (mine, theirs) in enumerate(zip(per_rank[0]["runner"][i]["logits"], ref_logits)):
             for j, (a, b) in enumerate(zip(mine, theirs)):
                 np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{case.name}: seq {s} token {j}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from comm.route_plan import table_anchor_N
+from comm.routes import table_anchor_N
 from placement import ClusterShape, Placement, PlacementError, RoutingTrace
 from placement.anchor import AnchorTable, choose_anchors, expert_table_digest, fit_anchor_table
 from placement.simulate import Strategy, simulate
