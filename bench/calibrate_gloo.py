@@ -78,7 +78,8 @@ def fit(rows: list[dict]) -> dict:
     for r, p in zip(rows, pred):
         r["fitted_seconds"] = float(p)
     if coef[1] <= 0:
-        raise RuntimeError("the fit found no bandwidth term (time does not grow with bytes): rerun on a quieter machine")
+        raise RuntimeError("the fit found no bandwidth term (time does not grow with bytes): rerun on a quieter "
+                           "machine")
     return {"world_size": rows[0]["world_size"], "alpha_s": float(coef[0]), "beta_bytes_per_s": float(1 / coef[1]),
             "max_relative_error": float(np.max(np.abs(pred - t) / t))}
 

@@ -158,8 +158,9 @@ def shaped_profile(rate_bytes_per_s: float, *, base: HardwareProfile | None = No
     inter = replace(base.inter_node, beta_bytes_per_s=rate_bytes_per_s, shared_per_node=True)
     rate = f"{rate_bytes_per_s * 8 / 1e6:g} Mbit/s"
     return replace(base, name=f"shaped:{rate}", inter_node=inter, sources=base.sources + (
-        {"url": "bench/shaped_link.py", "says": f"inter-node link = one veth pair shaped with tc tbf at {rate} "
-                                                f"(beta_inter, shared by each node's ranks); alphas from {base.name}"},))
+        {"url": "bench/shaped_link.py",
+         "says": f"inter-node link = one veth pair shaped with tc tbf at {rate} (beta_inter, shared by each node's "
+                 f"ranks); alphas from {base.name}"},))
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
