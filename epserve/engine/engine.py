@@ -117,7 +117,7 @@ def after_step(runner: Runner, plan: StepPlan) -> GroupTraffic | None:
 def follow(runner: Runner, channel: ControlChannel | None = None) -> int:
     """Ranks > 0: run every plan rank 0 broadcasts until a shutdown plan; returns the number of plans run.
     Raises whatever breaks (a collective error when rank 0 or a peer died)."""
-    channel = channel or ControlChannel(runner.topology)
+    channel = channel or ControlChannel(runner.topology, counters=runner.counters)
     attach_live_stats(runner)
     while True:
         plan = channel.recv()
@@ -138,7 +138,7 @@ def start_engine(runner: Runner, config: EngineConfig, *, placement_document: di
     if placement_document is None:
         placement_document = runner.placement.to_dict()
     engine = Engine(runner, config, placement_document=placement_document, on_fatal=on_fatal,
-                    channel=channel or ControlChannel(runner.topology))
+                    channel=channel or ControlChannel(runner.topology, counters=runner.counters))
     engine.start()
     return engine
 

@@ -6,7 +6,8 @@
     a plan with ``stats=True`` (every rank, after the step; collective on the CPU group):
         vector_X = [per layer: a2a calls, a2a payload bytes, transfers, K/V copy bytes (CommCounters) | local
                     | load_E]
-        --all_gather_into_tensor--> [G, X] --sum over ranks (calls: the same on every rank)--> LayerTraffic[L]
+        --HostCollectives.all_gather_int64 (counted: CollKind.STATS, phase "live_stats", layer None)--> [G, X]
+        --sum over ranks (calls: the same on every rank)--> LayerTraffic[L]
 
 Legend: L MoE layers, E experts, G ranks, N tokens routed here, K top-k, X = L * (5 + E).
 """
@@ -16,14 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from comm.counters import CollKind, CommCounters
+from comm.host_collectives import HostCollectives
 from comm.topology import EPTopology
 from epserve.engine.api import LayerTraffic
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _COUNTER_COLS = 5   # calls, payload bytes, transfers, K/V copy bytes, local activations
+STATS_PHASE = "live_stats"
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,13 @@ class LiveStats:
         return torch.cat([head, self.expert_load_LE.cpu()], dim=1).reshape(-1)
 
     def gather(self, counters: CommCounters) -> GroupTraffic:
-        """Collective over the CPU group: every rank calls it; every rank gets the group's totals."""
+        """Collective over the CPU group: every rank calls it; every rank gets the group's totals. The
+        all-gather itself is counted in ``counters`` (CollKind.STATS, layer None), after the vector is read,
+        so it never shows in the per-layer figures."""
         vec_X = self.vector_X(counters)
+        vec_GX = HostCollectives(self.topology, counters).all_gather_int64(vec_X, phase=STATS_PHASE,
+                                                                           kind=CollKind.STATS)
         G = self.topology.world_size
-        if G > 1:
-            out_GX = torch.empty(G * vec_X.numel(), dtype=torch.int64)
-            _all_gather_single(out_GX, vec_X, group=self.topology.cpu_group)
-            vec_GX = out_GX.view(G, -1)
-        else:
-            vec_GX = vec_X[None]
         return self._totals(vec_GX.view(G, self.num_layers, _COUNTER_COLS + self.num_experts))
 
     def _totals(self, all_GLC: torch.Tensor) -> GroupTraffic:
