@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from comm.strategy import Strategy
+from placement.transport import Transport
 from comm.topology import EPTopology, init_ep_topology
 from epserve.engine.builder import build_runner
 from placement.placement import Placement
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     placement = Placement.load(args.placement) if args.placement else None
     runner = build_runner(args.model, topology, strategy=Strategy.parse(args.strategy), placement=placement,
                           predictor_path=args.predictor, kv_cache_tokens=args.kv_cache_tokens,
-                          record_tokens=args.record_tokens if args.record_trace else 0)
+                          record_tokens=args.record_tokens if args.record_trace else 0,
+                          transport=Transport.parse(args.transport), capacity=args.capacity)
     watchdog = Watchdog(EXIT_DEADLINE_S)
     if topology.rank == 0:
         code = serve_rank0(args, runner, watchdog)

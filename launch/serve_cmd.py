@@ -32,6 +32,8 @@ from pathlib import Path
 from comm.spawn import free_port
 from comm.strategy import Strategy
 from epserve.model.config import ModelConfig
+from launch.auto_choice import AUTO, check_transport_options, resolve_auto
+from placement.transport import Transport
 from placement.errors import InputError, PlacementError
 from placement.placement import Placement, contiguous_placement
 from placement.cluster import ClusterShape
@@ -52,8 +54,13 @@ def default_model_dir() -> Path:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options a worker needs too (``launch.serve`` parses the same ones)."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled default model)")
-    p.add_argument("--strategy", default=Strategy.TWO_A2A.value, choices=[s.value for s in Strategy],
-                   help="how tokens move between EP ranks")
+    p.add_argument("--strategy", default=Strategy.TWO_A2A.value, choices=[s.value for s in Strategy] + [AUTO],
+                   help="where tokens live and are summed (auto: what the cost model predicts fastest)")
+    p.add_argument("--transport", default=Transport.A2A.value, choices=[t.value for t in Transport] + [AUTO],
+                   help="how rows move: a2a (counts exchange + uneven all-to-all), fixed (fixed per-peer buffers, "
+                        "no host sync), node_aware (each token crosses to another node once); auto: the cost "
+                        "model's choice")
+    p.add_argument("--capacity", type=int, help="fixed transport: rows per peer (default: sized from each step)")
     p.add_argument("--placement", help="placement JSON (from epserve place; default: contiguous)")
     p.add_argument("--predictor", help="predictor .npz (default: the one the placement names)")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on")
@@ -81,6 +88,11 @@ def register(subparsers) -> None:
     p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (node 0's)")
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one; set it for nnodes > 1)")
     p.add_argument("--api-key", help=f"require this bearer token (default: ${API_KEY_ENV})")
+    p.add_argument("--hardware", help="cost-model profile for auto choices (cpu-gloo, h800-ib400, shaped:RATE, "
+                                      "or a profile .json; default: h800-ib400 with CUDA, else cpu-gloo)")
+    p.add_argument("--trace", help="routing trace the auto choices replay (default: uniform random routing)")
+    p.add_argument("--tokens-per-step", type=int, help="tokens per step the auto choices assume "
+                                                       "(default: --max-running)")
     p.set_defaults(func=run_serve)
 
 
@@ -95,6 +107,9 @@ class Preflight:
     placement_path: Path | None
     predictor_path: Path | None
     world_size: int
+    strategy: Strategy
+    transport: Transport
+    why: str = ""               # the cost model's reason, when a choice was left to it
 
 
 def preflight(args) -> Preflight:
@@ -111,7 +126,17 @@ def preflight(args) -> Preflight:
                          f"(--nnodes {args.nnodes} x --nproc-per-node {args.nproc_per_node})")
     placement_path = Path(args.placement).resolve() if args.placement else None
     placement = _placement(args, placement_path, config, model_dir.name)
-    predictor_path = _predictor(args, Strategy.parse(args.strategy), placement, placement_path)
+    check_transport_options(args)
+    predictor_path = None if args.strategy == AUTO else \
+        _predictor(args, Strategy.parse(args.strategy), placement, placement_path)
+    if AUTO in (args.strategy, args.transport):
+        if args.strategy == AUTO:
+            predictor_path = _optional_predictor(args, placement, placement_path)
+        strategy, transport, why = resolve_auto(args, config, placement, predictor_path)
+        if not strategy.needs_predictor:
+            predictor_path = None
+    else:
+        strategy, transport, why = Strategy.parse(args.strategy), Transport.parse(args.transport), ""
     if args.max_model_len is not None and args.max_model_len > config.max_position_embeddings:
         raise InputError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                          f"({config.max_position_embeddings} positions)")
@@ -125,7 +150,7 @@ def preflight(args) -> Preflight:
     if args.node_rank == 0:
         _check_port_free(args.host, args.port)
     return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
-                     predictor_path=predictor_path, world_size=world)
+                     predictor_path=predictor_path, world_size=world, strategy=strategy, transport=transport, why=why)
 
 
 def _placement(args, path: Path | None, config: ModelConfig, model_name: str) -> Placement:
@@ -221,16 +246,24 @@ def _predictor(args, strategy: Strategy, placement: Placement, placement_path: P
     return path
 
 
+def _optional_predictor(args, placement: Placement, placement_path: Path | None) -> Path | None:
+    """For --strategy auto: the predictor when one is given or named by the placement, else None."""
+    if not args.predictor and not (placement_path is not None and placement.solver.get("predictor")):
+        return None
+    return _predictor(args, Strategy.SPECULATIVE, placement, placement_path)
+
+
 # ---- torchrun -----------------------------------------------------------------------------------------------
 def worker_argv(args, pre: Preflight) -> list[str]:
     """``launch.serve``'s arguments: the resolved paths and every model option as given."""
-    out = ["--model", str(pre.model_dir), "--strategy", args.strategy, "--host", args.host, "--port", str(args.port),
+    out = ["--model", str(pre.model_dir), "--strategy", pre.strategy.value, "--transport", pre.transport.value,
+           "--host", args.host, "--port", str(args.port),
            "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
            "--collective-timeout", str(args.collective_timeout)]
     optional = {"--placement": pre.placement_path, "--predictor": pre.predictor_path,
                 "--served-model-name": args.served_model_name, "--max-running": args.max_running,
                 "--max-batched-tokens": args.max_batched_tokens, "--max-waiting": args.max_waiting,
-                "--max-model-len": args.max_model_len,
+                "--max-model-len": args.max_model_len, "--capacity": args.capacity,
                 "--record-trace": Path(args.record_trace).resolve() if args.record_trace else None}
     for flag, value in optional.items():
         if value is not None:
@@ -259,6 +292,9 @@ def worker_env(args) -> dict[str, str]:
 
 def run_serve(args) -> int:
     pre = preflight(args)
+    if pre.why:
+        print(f"epserve serve: chose --strategy {pre.strategy.value} --transport {pre.transport.value}: {pre.why}",
+              file=sys.stderr, flush=True)
     child = subprocess.Popen(torchrun_argv(args, pre), env=worker_env(args), start_new_session=True)
     stop = _forward_signals(child)
     if args.node_rank == 0:
@@ -337,6 +373,6 @@ def _announce(child: subprocess.Popen, args, pre: Preflight) -> None:
             time.sleep(0.25)
             continue
         print(f"epserve serve: listening on http://{args.host}:{args.port} ({pre.model_dir.name}, "
-              f"{pre.world_size} rank(s), strategy {args.strategy}, placement "
+              f"{pre.world_size} rank(s), strategy {pre.strategy.value}, transport {pre.transport.value}, placement "
               f"{pre.placement_path or 'contiguous'})", file=sys.stderr, flush=True)
         return

@@ -93,6 +93,11 @@ def test_experts_must_split_evenly_over_the_ranks(capsys):
     (["--max-running", "64", "--max-batched-tokens", "32"], "--max-running (64) must be <= --max-batched-tokens (32)"),
     (["--max-running", "600"], "--max-running (600) must be <= --max-batched-tokens (512)"),
     (["--served-model-name", " "], "--served-model-name must not be empty"),
+    (["--transport", "node_aware"], "--transport node_aware needs --nnodes >= 2"),
+    (["--transport", "fixed", "--capacity", "0"], "--capacity must be >= 1 row per peer, got 0"),
+    (["--capacity", "8"], "--capacity sizes the fixed transport's buffers; it does not apply to --transport a2a"),
+    (["--strategy", "auto", "--hardware", "tpu-pod"], "unknown hardware 'tpu-pod' (known: cpu-gloo"),
+    (["--transport", "auto", "--tokens-per-step", "0"], "--tokens-per-step must be >= 1, got 0"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     assert message in _refused(capsys, *argv)
@@ -137,6 +142,20 @@ def test_torchrun_command_line(tmp_path):
     assert (worker.model, worker.placement, worker.port, worker.max_running, worker.collective_timeout) == (
         str(DEFAULT), str(path), 8123, 7, 30.0)
     assert worker.strategy == "two_a2a" and worker.predictor is None and worker.max_waiting is None
+
+
+def test_auto_choices_are_resolved_before_torchrun_and_the_workers_get_them(tmp_path):
+    """--strategy/--transport auto run the cost model in the launcher; the workers get concrete names. On a
+    shaped inter-node link node_aware (one crossing per node) must beat a2a for this top-2 model on 2x2."""
+    args = _args("--nproc-per-node", "2", "--nnodes", "2", "--master-port", "29555", "--strategy", "two_a2a",
+                 "--transport", "auto", "--hardware", "shaped:2mbit", "--port", "8125")
+    pre = serve_cmd.preflight(args)
+    assert pre.transport.value == "node_aware" and pre.strategy.value == "two_a2a"
+    assert "node_aware has the lowest modelled communication time" in pre.why
+    worker = serve.parse_args(serve_cmd.worker_argv(args, pre))
+    assert (worker.strategy, worker.transport) == ("two_a2a", "node_aware")
+    pre = serve_cmd.preflight(_args("--nproc-per-node", "4", "--strategy", "auto", "--port", "8125"))
+    assert pre.strategy.value in ("two_a2a", "coherent") and pre.transport.value == "a2a" and pre.why
 
 
 def test_speculative_takes_the_predictor_the_placement_names(tmp_path):
