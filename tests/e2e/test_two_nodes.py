@@ -5,14 +5,13 @@ tokens; stopping node 0 (Ctrl-C) ends both nodes cleanly."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from comm.spawn import free_port
+from launch.netns import NetnsUnavailable, TwoNodes
 from tests.e2e.conftest import PROMPTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -20,38 +19,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MAX_TOKENS = 12
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def two_namespaces():
     """``[(netns, interface, address), (netns, interface, address)]``, removed afterwards whatever happened."""
-    if shutil.which("ip") is None:
-        pytest.skip("two-node test: the `ip` command (iproute2) is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("two-node test: making network namespaces needs root")
-    tag = f"{os.getpid() % 100000}"
-    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
-    nodes = [(f"epn{tag}a", f"epv{tag}a", f"{subnet}.1"), (f"epn{tag}b", f"epv{tag}b", f"{subnet}.2")]
-    made = []
     try:
-        for ns, _, _ in nodes:
-            _ip("netns", "add", ns)
-            made.append(ns)
-        _ip("link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1])
-        for ns, dev, addr in nodes:
-            _ip("link", "set", dev, "netns", ns)
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        pytest.skip(f"two-node test: cannot make network namespaces here ({exc})")
-    yield nodes
-    for ns in made:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        nodes = TwoNodes.create()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"two-node test: {exc}")
+    with nodes:
+        yield [(n.netns, n.dev, n.addr) for n in nodes.nodes]
 
 
 def test_two_nodes_answer_with_the_one_process_tokens(two_namespaces, serve, tokenizer, reference):
