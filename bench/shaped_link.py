@@ -76,10 +76,11 @@ CONFIGS = (BASELINE, Config("two_a2a+solved", "two_a2a", None, True),
 
 # ---- what `epserve serve` offers today ----------------------------------------------------------------------
 def serve_choices() -> dict[str, set[str]]:
-    """``{"--strategy": {...}, "--transport": {...}}`` from ``epserve serve --help`` (absent flag: absent key)."""
+    """``{"--strategy": {...}, "--transport": {...}, "flags": {every --flag}}`` from ``epserve serve --help``
+    (a flag it lacks: no key)."""
     text = subprocess.run([sys.executable, "-m", "launch.cli", "serve", "--help"], cwd=ROOT, env=serve_env(),
                           capture_output=True, text=True, timeout=60).stdout
-    out = {}
+    out = {"flags": set(re.findall(r"(--[a-z][a-z-]*)", text))}
     for flag in ("--strategy", "--transport"):
         m = re.search(re.escape(flag) + r"\s+\{([^}]*)\}", text)
         if m:
@@ -160,11 +161,22 @@ def prepare_model(key: str, work: Path, trace_arg: Path) -> Model:
 
 
 # ---- one config: two nodes, one load ------------------------------------------------------------------------
-def run_config(net: TwoNodes, model: Model, cfg: Config, work: Path, args, *, tag: str) -> dict:
+def auto_argv(model: Model, cfg: Config, flags: set[str], rate_bit_s: int) -> list[str]:
+    """What an auto choice is told: the shaped link's profile and the model's routing trace (where serve takes
+    them)."""
+    if "auto" not in (cfg.strategy, cfg.transport):
+        return []
+    return ((["--hardware", f"shaped:{rate_bit_s}bit"] if "--hardware" in flags else [])
+            + (["--trace", str(model.trace)] if "--trace" in flags else []))
+
+
+def run_config(net: TwoNodes, model: Model, cfg: Config, work: Path, args, *, tag: str,
+               extra: list[str] = ()) -> dict:
     (n0, n1), master_port, port = net.nodes, free_port(), free_port()
     common = ["--model", str(model.directory), "--served-model-name", SERVED_NAME, "--nnodes", "2",
               "--nproc-per-node", str(RANKS_PER_NODE), "--master-addr", n0.addr, "--master-port", str(master_port),
-              "--max-running", str(args.clients), "--collective-timeout", "120", *cfg.argv(model.placement)]
+              "--max-running", str(args.clients), "--collective-timeout", "120", *cfg.argv(model.placement),
+              *extra]
     logs = [work / f"{model.key}.{tag}.{cfg.name}.node{i}.log" for i in (0, 1)]
     servers = []
     try:
@@ -188,7 +200,8 @@ def run_config(net: TwoNodes, model: Model, cfg: Config, work: Path, args, *, ta
             raise RuntimeError(f"load client failed ({out.returncode}): {last}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
         if "auto" in (cfg.strategy, cfg.transport):   # what auto chose, and why, as the server logged it
-            row["auto_log"] = [line.strip() for line in servers[1].log().splitlines() if "auto" in line][-4:]
+            row["auto_log"] = [line.strip() for line in servers[1].log().splitlines()
+                               if "chose" in line or "auto" in line][-3:]
     except Exception as exc:   # a config that fails is reported with its error, and the run goes on
         return {"config": cfg.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:1000],
                 "server_errors": {f"node{i}": log_errors(srv.log()) for i, srv in enumerate(reversed(servers))}}
@@ -458,7 +471,8 @@ def run_all(net: TwoNodes, shape: LinkShape, work: Path, args) -> dict:
             if why:
                 missing[cfg.name] = why
                 continue
-            row = run_config(net, model, cfg, work, args, tag="shaped")
+            row = run_config(net, model, cfg, work, args, tag="shaped",
+                             extra=auto_argv(model, cfg, choices["flags"], shape.rate_bit_s))
             if row["status"] == "ok":
                 row["predicted"], row["predicted_note"] = predicted_step(model, cfg, shape.rate_bit_s, args)
             rows.append(row)
@@ -472,6 +486,13 @@ def run_all(net: TwoNodes, shape: LinkShape, work: Path, args) -> dict:
             "objective"), "unshaped_baseline": unshaped, "rows": rows, "not_available": missing, "summary": summary}
     result["setup"] = setup(shape, choices, args)
     return result
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def setup(shape: LinkShape, choices: dict, args) -> dict:
@@ -492,9 +513,9 @@ def setup(shape: LinkShape, choices: dict, args) -> dict:
              "/placement's a2a_bytes + kv_bytes over the load, summed over all ranks and all links (intra-node "
              "included); the inter-node share is shown only when /placement reports it.")
     return {"rate_bit_s": shape.rate_bit_s, "tbf": shape.describe(), "clients": args.clients,
-            "requests": args.requests, "max_tokens": args.max_tokens, "serve_choices": {k: sorted(v) for k, v in
-                                                                                        choices.items()},
-            "trace": str(args.trace), "summary": summary, "notes": notes}
+            "requests": args.requests, "max_tokens": args.max_tokens, "trace": _rel(args.trace),
+            "serve_choices": {k: sorted(v) for k, v in choices.items() if k != "flags"},
+            "summary": summary, "notes": notes}
 
 
 if __name__ == "__main__":
