@@ -58,15 +58,16 @@ class CommCounters:
         self._pending: list[tuple[Key, CollStat]] = []   # figures still on the device (fixed transport)
 
     def record(self, kind: CollKind, *, phase: str, layer: int | None, rows=0, cross_node_rows=0,
-               payload_bytes=0, wire_bytes: int = 0) -> None:
-        """Figures are ints, or device scalars (no host sync here: they are read when the counters are)."""
+               payload_bytes=0, wire_bytes: int = 0, calls: int = 1) -> None:
+        """Figures are ints, or device scalars (no host sync here: they are read when the counters are).
+        ``calls=0``: a share of a call recorded under another key (one collective serving several layers)."""
         key = (kind, phase, layer)
         stat = self._stats.setdefault(key, CollStat())
         late = CollStat(rows=rows, cross_node_rows=cross_node_rows, payload_bytes=payload_bytes)
         if any(not isinstance(v, int) for v in (rows, cross_node_rows, payload_bytes)):
             self._pending.append((key, late))
             late = CollStat()
-        late.calls, late.wire_bytes = 1, wire_bytes
+        late.calls, late.wire_bytes = calls, wire_bytes
         stat.add(late)
 
     def _resolve(self) -> None:

@@ -91,24 +91,22 @@ class Collectives:
                              payload_bytes=out_rows * payload_bytes_per_row, wire_bytes=wire_rows * row_bytes)
         return recv_MB, work
 
-    def copy_to_all(self, payload_B: torch.Tensor, recv_bytes: list[int], *, kind: CollKind, phase: str,
-                    rows: int, payload_bytes: int):
-        """Send the same uint8 ``payload_B`` to every other rank, on the topology's K/V group, asynchronously;
-        ``recv_bytes[s]`` bytes come from rank s. Returns ``(recv_B, work)`` (``work.wait()`` before reading).
-        Counted as ``rows`` and ``payload_bytes`` per destination."""
+    def all_to_all_bytes(self, send_B: torch.Tensor, send_counts: list[int], recv_counts: list[int], *,
+                         kind: CollKind, phase: str, parts: list[tuple[int | None, int, int, int]]):
+        """Uneven all-to-all of a uint8 stream (``send_counts[g]`` bytes to rank g) on the topology's K/V group,
+        asynchronously. Returns ``(recv_B, work)`` (``work.wait()`` before reading). Counted as one call (layer
+        None) whose figures are attributed by ``parts``: (MoE layer or None, rows, cross-node rows, payload bytes)
+        this rank sent, all destinations together."""
         G, me = self.world_size, self.rank
         if G == 1:
-            return payload_B[:0].clone(), None
-        send_B = payload_B.repeat(G - 1).contiguous()
-        send_counts = [0 if g == me else payload_B.numel() for g in range(G)]
-        recv = [0 if g == me else n for g, n in enumerate(recv_bytes)]
-        recv_B = torch.empty(sum(recv), dtype=torch.uint8, device=payload_B.device)
-        work = dist.all_to_all_single(recv_B, send_B, recv, send_counts, group=self.topology.kv_group,
-                                      async_op=True)
-        node, per_node = self.topology.node, self.topology.gpus_per_node
-        cross = sum(1 for g in range(G) if g // per_node != node)
-        self.counters.record(kind, phase=phase, layer=None, rows=rows * (G - 1), cross_node_rows=rows * cross,
-                             payload_bytes=payload_bytes * (G - 1), wire_bytes=payload_B.numel() * (G - 1))
+            return send_B[:0].clone(), None
+        recv_B = torch.empty(sum(recv_counts), dtype=torch.uint8, device=send_B.device)
+        work = dist.all_to_all_single(recv_B, send_B.contiguous(), list(recv_counts), list(send_counts),
+                                      group=self.topology.kv_group, async_op=True)
+        self.counters.record(kind, phase=phase, layer=None, wire_bytes=sum(send_counts) - send_counts[me])
+        for layer, rows, cross_rows, payload_bytes in parts:
+            self.counters.record(kind, phase=phase, layer=layer, rows=rows, cross_node_rows=cross_rows,
+                                 payload_bytes=payload_bytes, calls=0)
         return recv_B, work
 
     def all_gather_rows(self, x_NX: torch.Tensor, *, phase: str, layer: int | None = None) -> torch.Tensor:

@@ -3,13 +3,14 @@
 A token held on rank c, with expert ranks R (deduplicated) and anchor a (a in R or a == c), moves by the
 transport's rule (placement/transport.py holds the traffic model these functions implement). Ranks are grouped
 into *relay groups* of P consecutive ranks: P = GPUs per node for ``node_aware``, P = 1 for ``a2a`` / ``fixed``
-(then every rank is its own group and every relay stage is empty). With R_n = R on group n and
-t_n = a if a is on group n else min(R_n):
+(then every rank is its own group and every relay stage is empty). With R_n = R on group n, pick_n(x) = the
+rank of R_n whose local index comes first at or after x's (cyclically), and t_n = a if a is on group n else
+pick_n(a):
 
-    dispatch        c -> r for r in R_{grp(c)} \\ {c};  c -> relay_n (= a if a in R_n else min(R_n)) elsewhere
+    dispatch        c -> r for r in R_{grp(c)} \\ {c};  c -> relay_n (= a if a in R_n else pick_n(c)) elsewhere
     dispatch_intra  relay_n -> r for r in R_n \\ {relay_n}                  (rows that crossed groups)
     combine_intra   r -> t_n for r in R_n \\ {t_n}                           (partials summed inside a group)
-    combine         min(R_n) -> a for every group n != grp(a) holding R_n  (one sum per group crosses back)
+    combine         pick_n(a) -> a for every group n != grp(a) holding R_n (one sum per group crosses back)
 
 Nothing here reads a device value on the host: sizes that depend on data are counted on device, exchanged by
 the transport, and read once (``a2a``/``node_aware``) or never (``fixed``). Row orders are (destination,
@@ -45,21 +46,26 @@ def destinations_NG(rank_NK: torch.Tensor, world_size: int) -> torch.Tensor:
     return mask_NG
 
 
-def group_min_NQ(rank_NK: torch.Tensor, group_size: int, num_groups: int) -> torch.Tensor:
-    """[N, Q] the lowest expert rank of each token on each relay group (BIG where the group has none)."""
-    N = rank_NK.shape[0]
-    out_NQ = torch.full((N, num_groups), BIG, dtype=torch.long, device=rank_NK.device)
-    return out_NQ.scatter_reduce(1, rank_NK // group_size, rank_NK, "amin", include_self=True)
+def group_pick_NQ(rank_NK: torch.Tensor, ref_N: torch.Tensor, group_size: int, num_groups: int) -> torch.Tensor:
+    """[N, Q] pick_n(ref) of each token on each relay group: the expert rank there whose local index comes first
+    at or after ref's, cyclically (BIG where the group holds none of the token's experts)."""
+    P = group_size
+    key_NK = (rank_NK - ref_N[:, None]) % P
+    best_NQ = torch.full((rank_NK.shape[0], num_groups), BIG, dtype=torch.long, device=rank_NK.device)
+    best_NQ = best_NQ.scatter_reduce(1, rank_NK // P, key_NK, "amin", include_self=True)
+    q_Q = torch.arange(num_groups, device=rank_NK.device)
+    return torch.where(best_NQ < BIG, q_Q[None, :] * P + (ref_N[:, None] % P + best_NQ) % P, BIG)
 
 
-def group_targets_NQ(min_NQ: torch.Tensor, anchor_N: torch.Tensor, in_R_N: torch.Tensor,
-                     group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relay_NQ, target_NQ): the dispatch relay (a if a in R_n else min(R_n)) and the combine target
-    (a on a's group, min(R_n) elsewhere) of each token on each group; BIG where the group holds no R."""
-    Q = min_NQ.shape[1]
-    on_a_NQ = (anchor_N // group_size)[:, None] == torch.arange(Q, device=min_NQ.device)[None, :]
-    relay_NQ = torch.where(on_a_NQ & in_R_N[:, None], anchor_N[:, None], min_NQ)
-    target_NQ = torch.where(on_a_NQ, anchor_N[:, None], min_NQ)
+def group_targets_NQ(from_c_NQ: torch.Tensor, from_a_NQ: torch.Tensor, anchor_N: torch.Tensor,
+                     in_R_N: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relay_NQ, target_NQ): the dispatch relay (a if a in R_n else pick_n(c)) and the combine target
+    (a on a's group, pick_n(a) elsewhere) of each token on each group; BIG where the group holds no R.
+    ``from_c_NQ`` / ``from_a_NQ``: :func:`group_pick_NQ` from the position rank c / the anchor a."""
+    Q = from_c_NQ.shape[1]
+    on_a_NQ = (anchor_N // group_size)[:, None] == torch.arange(Q, device=from_c_NQ.device)[None, :]
+    relay_NQ = torch.where(on_a_NQ & in_R_N[:, None], anchor_N[:, None], from_c_NQ)
+    target_NQ = torch.where(on_a_NQ, anchor_N[:, None], from_a_NQ)
     return relay_NQ, target_NQ
 
 

@@ -25,7 +25,7 @@ import torch
 
 from comm.counters import CollKind
 from comm.primitives import Collectives
-from comm.routes import (BIG, bitmap_tokens, destinations_NG, flows_GG, group_min_NQ, group_targets_NQ,
+from comm.routes import (BIG, bitmap_tokens, destinations_NG, flows_GG, group_pick_NQ, group_targets_NQ,
                          order_by_destination, order_by_rank)
 from comm.transport_base import Anchored, ExpertWork, Route, handled_rows, token_slots_T
 from comm.wire import combine_codec, dispatch_codec
@@ -100,12 +100,13 @@ class CountedTransport:
         me, G, P, Q = self.coll.rank, self.coll.world_size, self.P, self.Q
         rank_NK, anchor_N = route.rank_NK, route.anchor_N
         in_R_N = dest_NG.gather(1, anchor_N[:, None])[:, 0]
-        min_NQ = group_min_NQ(rank_NK, P, Q)
-        relay_NQ, target_NQ = group_targets_NQ(min_NQ, anchor_N, in_R_N, P)
+        from_c_NQ = group_pick_NQ(rank_NK, torch.full_like(anchor_N, me), P, Q)
+        from_a_NQ = group_pick_NQ(rank_NK, anchor_N, P, Q)
+        relay_NQ, target_NQ = group_targets_NQ(from_c_NQ, from_a_NQ, anchor_N, in_R_N, P)
         my_group = me // P
         own_G = self.group_G == my_group
         q_Q = torch.arange(Q, device=dest_NG.device)
-        other_NQ = (min_NQ < BIG) & (q_Q != my_group)[None, :]
+        other_NQ = (from_c_NQ < BIG) & (q_Q != my_group)[None, :]
         relay_hit_NG = torch.zeros(dest_NG.shape, dtype=torch.long, device=dest_NG.device)
         relay_hit_NG.scatter_add_(1, relay_NQ.clamp(max=G - 1), other_NQ.long())
         stage0_NG = (dest_NG & own_G[None, :]) | (relay_hit_NG > 0)
@@ -120,8 +121,8 @@ class CountedTransport:
                 target_NG = target_NQ[:, self.group_G]
                 later["combine_intra"] = flows_GG(cells_G, target_NG, dest_NG & (cells_G != target_NG), G)
             a_group_N = anchor_N // P
-            cross_NQ = (min_NQ < BIG) & (q_Q[None, :] != a_group_N[:, None])
-            later["combine"] = flows_GG(min_NQ, anchor_N[:, None].expand_as(min_NQ), cross_NQ, G)
+            cross_NQ = (from_a_NQ < BIG) & (q_Q[None, :] != a_group_N[:, None])
+            later["combine"] = flows_GG(from_a_NQ, anchor_N[:, None].expand_as(from_a_NQ), cross_NQ, G)
         return stage0_NG, later
 
     # ---- dispatch ---------------------------------------------------------------------------------------------
@@ -164,9 +165,8 @@ class CountedTransport:
         rows, T = h.rows, h.num_step_tokens
         token_H, anchor_H, rank_HK = rows["token"], rows["anchor"], rows["rank"]
         in_R_H = (rank_HK == me).any(dim=1)
-        mine_HK = (rank_HK // P) == me // P
-        min_mine_H = torch.where(mine_HK, rank_HK, BIG).amin(dim=1)
-        target_H = torch.where(anchor_H // P == me // P, anchor_H, min_mine_H)
+        pick_H = group_pick_NQ(rank_HK, anchor_H, P, self.Q)[:, me // P]   # pick of my group, from the anchor
+        target_H = torch.where(anchor_H // P == me // P, anchor_H, pick_H)
         y_HD = torch.where((in_R_H & (target_H == me))[:, None], partial_HD, torch.zeros_like(partial_HD))
         if h.needs_combine:
             slot_T = token_slots_T(token_H, torch.ones_like(in_R_H), T)

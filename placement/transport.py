@@ -10,14 +10,17 @@ outputs are summed and where it lives afterwards). A transport moves those rows.
                exchange, no host sync): every call puts (G - 1) x capacity rows on the wire. A step in which
                some rank had more rows for a peer than fit is run again with a doubled capacity (lossless).
     node_aware a token crosses to each other node at most once per layer, and partials are summed inside a
-               node before they cross back (DeepEP's internode kernels). With R_n = R on node n and
-               relay_n = a if a in R_n else min(R_n):
+               node before they cross back (DeepEP's internode kernels). With R_n = R on node n, P GPUs per
+               node, and pick_n(x) = the rank of R_n whose local index comes first at or after x's, cyclically
+               (argmin over r in R_n of (r - x) mod P: like DeepEP's same-local-index rule, it spreads the relay
+               work of different sources over a node's GPUs instead of piling it on the lowest rank):
+               relay_n = a if a in R_n else pick_n(c);
                  dispatch   (stage 1): c -> r for r in R_{node(c)} \\ {c}            (intra-node)
                                        c -> relay_n for every other node n with R_n  (inter-node, once a node)
                  dispatch_intra (2):   relay_n -> r for r in R_n \\ {relay_n}, n != node(c)   (intra-node)
                  combine_intra  (3):   r -> t_n for r in R_n \\ {t_n}, every n, where t_n = a on node(a)
-                                       and t_n = min(R_n) elsewhere                   (intra-node)
-                 combine        (4):   min(R_n) -> a for every node n != node(a) with R_n   (inter-node)
+                                       and t_n = pick_n(a) elsewhere                  (intra-node)
+                 combine        (4):   pick_n(a) -> a for every node n != node(a) with R_n   (inter-node)
                Total transfers equal a2a's (|R \\ {c}| and |R \\ {a}|); inter-node ones drop to at most
                (nodes with R other than c's) + (nodes with R other than a's).
 
@@ -93,7 +96,7 @@ def phase_flows(sorted_TLK: np.ndarray, first_TLK: np.ndarray, pos_TL: np.ndarra
     G = num_gpus
     flat = {phase: np.zeros(L * G * G, dtype=np.int64) for phase in _phases_of(transport)}
     layer_1L1 = np.arange(L, dtype=np.int64)[None, :, None]
-    step = max(1, _CHUNK_ELEMENTS // max(1, L * K))
+    step = max(1, _CHUNK_ELEMENTS // max(1, L * K * (K if transport is Transport.NODE_AWARE else 1)))
     for lo in range(0, T, step):
         hi = min(T, lo + step)
         records = _records(sorted_TLK[lo:hi], first_TLK[lo:hi], pos_TL[lo:hi, :, None],
@@ -114,16 +117,23 @@ def _records(r, first, c, a, transport: Transport, gpn: int):
     if transport is not Transport.NODE_AWARE:
         return [("dispatch", c, r, first & (r != c)), ("combine", r, a, first & (r != a))]
     node, nc, na = r // gpn, c // gpn, a // gpn
-    K = r.shape[-1]
     first_node = np.ones_like(first)          # first slot of each node's ranks (ranks are sorted node-major)
     first_node[..., 1:] = node[..., 1:] != node[..., :-1]
-    start = np.maximum.accumulate(np.where(first_node, np.arange(K), 0), axis=-1)
-    min_rank = np.take_along_axis(r, start, axis=-1)                       # min(R_n) of each slot's node n
     a_in_R = ((r == a) & first).any(axis=-1, keepdims=True)
-    relay = np.where((node == na) & a_in_R, a, min_rank)                   # relay_n
-    target = np.where(node == na, a, min_rank)                             # t_n
+    relay = np.where((node == na) & a_in_R, a, _pick(r, node, c, gpn))    # relay_n
+    from_a = _pick(r, node, a, gpn)                                         # pick_n(a)
+    target = np.where(node == na, a, from_a)                               # t_n
     return [("dispatch", c, r, first & (node == nc) & (r != c)),
             ("dispatch", c, relay, first_node & (node != nc)),
             ("dispatch_intra", relay, r, first & (node != nc) & (r != relay)),
             ("combine_intra", r, target, first & (r != target)),
-            ("combine", min_rank, a, first_node & (node != na))]
+            ("combine", from_a, a, first_node & (node != na))]
+
+
+def _pick(r: np.ndarray, node: np.ndarray, x: np.ndarray, gpn: int) -> np.ndarray:
+    """pick_n(x) for the node n of every slot: the rank of R_n whose local index comes first at or after x's
+    (cyclically). [T, L, K] (x broadcasts from [T, L, 1])."""
+    key = (r - x) % gpn
+    same_node = node[..., :, None] == node[..., None, :]
+    best = np.where(same_node, key[..., None, :], gpn).min(axis=-1)
+    return node * gpn + (x % gpn + best) % gpn

@@ -34,6 +34,7 @@ from epserve.engine.sampling import sample_rows
 from epserve.engine.step_batch import StepBatch
 from epserve.model.layers import attend
 from epserve.model.model import MoEModel
+from placement.transport import Transport
 
 NOT_HERE, HERE_UNSAMPLED = -1, -2   # entries of the sampled-id gather
 
@@ -80,7 +81,9 @@ class Runner:
         self.groups = kv_groups(config.num_layers, config.moe_layer_ids)
         self._group_of_layer = {l: g for g, layers in enumerate(self.groups) for l in layers}
         self._trailing_group = len(config.moe_layer_ids) if len(self.groups) > len(config.moe_layer_ids) else None
-        self.coherence = KVCoherence(coll, kv.cache, self.groups) if dispatcher.replicated_kv else None
+        moe_of_group = list(range(len(config.moe_layer_ids))) + [None] * (len(self.groups) - len(config.moe_layer_ids))
+        self.coherence = None if not dispatcher.replicated_kv else KVCoherence(
+            coll, kv.cache, self.groups, moe_of_group, node_dedup=dispatcher.transport_kind is Transport.NODE_AWARE)
         self._prev_rank: dict[int, int] = {}   # seq_id -> rank where its last decode token was sampled
         self.retried_steps = 0                 # steps run again after a fixed buffer overflowed
         self.live_stats = None   # epserve.engine.live_stats.LiveStats, attached by the engine

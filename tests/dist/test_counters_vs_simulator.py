@@ -53,6 +53,7 @@ def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
             if case.strategy.coherent and cfg.top_k == 1:
                 assert combine.calls == 1 and dispatch.calls == steps   # the prefill step's combine only
         assert c.total(CollKind.KV_COHERENCE).rows == sim.kv_entry_copies, case.name
+        assert c.total(CollKind.KV_COHERENCE).cross_node_rows == sim.kv_cross_node_copies, case.name
         checked += 1
         if case.strategy.needs_predictor:   # the prediction must really have moved tokens somewhere
             plain = Strategy.COHERENT if case.strategy.coherent else Strategy.TWO_A2A

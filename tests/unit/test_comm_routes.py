@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comm.counters import CollKind, CommCounters
-from comm.routes import (BIG, bitmap_tokens, destinations_NG, flows_GG, group_min_NQ, group_targets_NQ,
+from comm.routes import (BIG, bitmap_tokens, destinations_NG, flows_GG, group_pick_NQ, group_targets_NQ,
                          order_by_destination, token_bitmap_W)
 from tests.sync_counter import SyncCounter
 from comm.wire import dispatch_codec
@@ -28,17 +28,18 @@ def test_destinations_are_deduplicated_and_ordered_by_destination_then_token():
 
 def test_node_relays_and_combine_targets_follow_the_traffic_model():
     # 2 groups of 2 ranks. Token 0: experts on ranks 1, 2, 3, anchor 3; token 1: experts on 2, 3, anchor 0 (home).
-    rank_NK = T([1, 2, 3], [2, 3, 3])
-    anchor_N = T(3, 0)
+    # Both are held on rank 1.
+    rank_NK, anchor_N = T([1, 2, 3], [2, 3, 3]), T(3, 0)
     in_R_N = destinations_NG(rank_NK, 4).gather(1, anchor_N[:, None])[:, 0]
-    min_NQ = group_min_NQ(rank_NK, 2, 2)
-    assert min_NQ.tolist() == [[1, 2], [BIG, 2]]
-    relay_NQ, target_NQ = group_targets_NQ(min_NQ, anchor_N, in_R_N, 2)
-    assert relay_NQ[0].tolist() == [1, 3]      # the anchor is the relay of its node when it holds an expert
-    assert target_NQ[0].tolist() == [1, 3]     # partials of node 0 are summed on rank 1, then cross to 3
-    assert relay_NQ[1, 1] == 2 and target_NQ[1].tolist() == [0, 2]   # node 1's sum crosses to the home rank
-    flows = flows_GG(min_NQ, anchor_N[:, None].expand_as(min_NQ),
-                     (min_NQ < BIG) & (torch.arange(2)[None, :] != (anchor_N // 2)[:, None]), 4)
+    from_c = group_pick_NQ(rank_NK, T(1, 1), 2, 2)
+    from_a = group_pick_NQ(rank_NK, anchor_N, 2, 2)
+    assert from_c.tolist() == [[1, 3], [BIG, 3]]      # from local index 1: rank 3 comes first on node 1
+    assert from_a.tolist() == [[1, 3], [BIG, 2]]      # from local index 0: rank 2 comes first on node 1
+    relay_NQ, target_NQ = group_targets_NQ(from_c, from_a, anchor_N, in_R_N, 2)
+    assert relay_NQ[0].tolist() == [1, 3] and target_NQ[0].tolist() == [1, 3]   # the anchor relays its node
+    assert relay_NQ[1, 1] == 3 and target_NQ[1].tolist() == [0, 2]   # node 1's sum is made on 2, crosses to 0
+    flows = flows_GG(from_a, anchor_N[:, None].expand_as(from_a),
+                     (from_a < BIG) & (torch.arange(2)[None, :] != (anchor_N // 2)[:, None]), 4)
     assert flows.nonzero().tolist() == [[1, 3], [2, 0]] and int(flows.sum()) == 2
 
 
@@ -54,8 +55,8 @@ def test_route_math_needs_no_host_sync():
     with SyncCounter() as sync:
         dest_NG = destinations_NG(rank_NK, 4)
         order_by_destination(dest_NG, token_N, 10)
-        min_NQ = group_min_NQ(rank_NK, 2, 2)
-        group_targets_NQ(min_NQ, T(0, 2, 1), dest_NG.gather(1, T(0, 2, 1)[:, None])[:, 0], 2)
+        pick_NQ = group_pick_NQ(rank_NK, T(0, 2, 1), 2, 2)
+        group_targets_NQ(pick_NQ, pick_NQ, T(0, 2, 1), dest_NG.gather(1, T(0, 2, 1)[:, None])[:, 0], 2)
         flows_GG(rank_NK, rank_NK, rank_NK > 0, 4)
         token_bitmap_W(token_N, token_N > 0, 10)
     assert sync.count == 0, sync.ops

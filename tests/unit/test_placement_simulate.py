@@ -160,9 +160,9 @@ def test_node_aware_by_hand_relays_once_per_node():
     assert (_flow_pairs(a2a, "dispatch"), _flow_pairs(a2a, "combine")) == \
         ({(0, 0, 2): 1, (0, 0, 3): 1}, {(0, 2, 0): 1, (0, 3, 0): 1})
     assert {p: _flow_pairs(na, p) for p in na.phases} == {
-        "dispatch": {(0, 0, 2): 1},              # relay_1 = min(R_1) = 2 (the anchor 0 is not on node 1)
+        "dispatch": {(0, 0, 2): 1},              # relay_1 = pick_1(0) = 2 (the anchor 0 is not on node 1)
         "dispatch_intra": {(0, 2, 3): 1},
-        "combine_intra": {(0, 3, 2): 1},         # t_1 = min(R_1) = 2
+        "combine_intra": {(0, 3, 2): 1},         # t_1 = pick_1(0) = 2
         "combine": {(0, 2, 0): 1}}
     assert (na.transfers, a2a.transfers) == (4, 4)
     assert (na.cross_node_transfers, a2a.cross_node_transfers) == (2, 4)
@@ -240,15 +240,16 @@ def _reference_flows(ranks_TLK, c_TL, a_TL, gpn: int, G: int, transport: Transpo
             else:
                 for n in {node(r) for r in R}:
                     Rn = {r for r in R if node(r) == n}
-                    relay = a if a in Rn else min(Rn)
-                    t_n = a if n == node(a) else min(Rn)
+                    pick = lambda x: min(Rn, key=lambda r: (r - x) % gpn)  # noqa: E731 - next local index
+                    relay = a if a in Rn else pick(c)
+                    t_n = a if n == node(a) else pick(a)
                     if n == node(c):
                         sends += [("dispatch", c, r) for r in Rn - {c}]
                     else:
                         sends += [("dispatch", c, relay)] + [("dispatch_intra", relay, r) for r in Rn - {relay}]
                     sends += [("combine_intra", r, t_n) for r in Rn - {t_n}]
                     if n != node(a):
-                        sends.append(("combine", min(Rn), a))
+                        sends.append(("combine", pick(a), a))
             for phase, s, d in sends:
                 flows[phase][l, s, d] += 1
             needed = len({node(r) for r in R} - {node(c)}) + len({node(r) for r in R} - {node(a)})
