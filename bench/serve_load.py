@@ -52,14 +52,17 @@ PROMPTS = [   # Python code: what the default model was trained on
 class Config:
     strategy: str
     solved: bool
+    transport: str = "a2a"
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}+{'solved' if self.solved else 'contiguous'}"
+        tail = "" if self.transport == "a2a" else f" [{self.transport}]"
+        return f"{self.strategy}+{'solved' if self.solved else 'contiguous'}{tail}"
 
 
 CONFIGS = (Config("two_a2a", False), Config("two_a2a", True), Config("coherent", False), Config("coherent", True),
-           Config("speculative", True))
+           Config("speculative", True), Config("two_a2a", False, "fixed"), Config("two_a2a", True, "fixed"),
+           Config("coherent", True, "fixed"), Config("speculative", True, "fixed"))
 
 
 # ---- the load -----------------------------------------------------------------------------------------------
@@ -142,7 +145,8 @@ def server_figures(url: str) -> dict:
 
 
 def run_config(cfg: Config, placement: Path, work: Path, args) -> dict:
-    argv = ["--nproc-per-node", str(RANKS), "--strategy", cfg.strategy, "--max-running", str(args.clients)]
+    argv = ["--nproc-per-node", str(RANKS), "--strategy", cfg.strategy, "--transport", cfg.transport,
+            "--max-running", str(args.clients)]
     if cfg.solved:
         argv += ["--placement", str(placement)]
     server = ServeProcess(argv, port=free_port(), log_path=work / f"{cfg.name}.log")
@@ -158,7 +162,8 @@ def run_config(cfg: Config, placement: Path, work: Path, args) -> dict:
         figures = server_figures(server.url)
     finally:
         code = server.stop()
-    return {"config": cfg.name, "strategy": cfg.strategy, "placement": "solved" if cfg.solved else "contiguous",
+    return {"config": cfg.name, "strategy": cfg.strategy, "transport": cfg.transport,
+            "placement": "solved" if cfg.solved else "contiguous",
             "startup_s": startup, "exit_status": code, **load, "server": figures}
 
 
@@ -250,7 +255,10 @@ def main(argv=None) -> int:
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON in --out")
+    p.add_argument("--configs", help="comma-separated config names to run (default: all; the first is the "
+                                     "baseline): " + ", ".join(c.name for c in CONFIGS))
     args = p.parse_args(argv)
+    configs = CONFIGS if not args.configs else tuple(c for c in CONFIGS if c.name in args.configs.split(","))
     if args.render_only:
         render_only(Path(args.out))
         print((Path(args.out) / "serve_load.md").read_text())
@@ -261,7 +269,7 @@ def main(argv=None) -> int:
         rounds = []
         for n in range(args.rounds):
             rounds.append([])
-            for cfg in CONFIGS:
+            for cfg in configs:
                 row = run_config(cfg, placement, work, args)
                 rounds[-1].append(row)
                 print(f"[serve_load] round {n + 1}/{args.rounds} {cfg.name}: {row['output_tokens_per_s']:.1f} "
