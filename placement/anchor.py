@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 SCALE = 1000            # log-odds in thousandths
 MAX_ABS_SCORE = 1 << 24   # sums over K experts stay exact in int64 (and in float32 nowhere: integers only)
 SMOOTHING = 1.0           # add-one: an expert never seen gets p = 1/2
+DEFAULT_BALANCE = 1.0     # strength of the anchored-load term (0: affinity alone)
 
 
 def expert_table_digest(expert_to_gpu_LE: np.ndarray) -> str:
@@ -119,8 +120,10 @@ def anchor_slots(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndar
     return np.argmax(key_NK, axis=1)
 
 
-def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int) -> AnchorTable:
-    """Fit the scores on ``trace`` (a RoutingTrace: the fit part only) for this expert -> GPU table."""
+def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int, *,
+                     balance: float = DEFAULT_BALANCE) -> AnchorTable:
+    """Fit the scores on ``trace`` (a RoutingTrace: the fit part only) for this expert -> GPU table.
+    ``balance`` > 0 adds the load-balance term (:func:`_balance`): 0 keeps the pure affinity rule."""
     from placement.simulate import sequence_order   # simulate uses this module: import where needed
     experts_TLK = trace.experts_TLK.astype(np.int64)
     T, L, K = experts_TLK.shape
@@ -137,8 +140,34 @@ def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int) -> Anch
     chained_T = np.flatnonzero(prev_T >= 0)
     if len(chained_T):
         score_LEG[L - 1] = _scores(experts_TLK[prev_T[chained_T], L - 1], member_TLG[chained_T, 0], E)
-    meta = {"fit_tokens": int(T), "chained_tokens": int(len(chained_T)), "scale": SCALE}
+    if balance > 0:
+        for l in range(L):
+            score_LEG[l] = _balance(score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l], G, balance)
+    meta = {"fit_tokens": int(T), "chained_tokens": int(len(chained_T)), "scale": SCALE, "balance": balance}
     return AnchorTable(score_LEG, expert_table_digest(expert_to_gpu_LE), meta)
+
+
+def _balance(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndarray, G: int, strength: float,
+             rounds: int = 16) -> np.ndarray:
+    """The load-balance term. Under coherent, a token lives on its anchor until the next MoE layer, so the
+    anchored tokens per rank set where attention runs (the busiest rank sets the step's time). Each round
+    lowers the score of every rank in proportion to its anchored load's excess over the mean on the fit tokens,
+    with a step that shrinks each round (a per-rank integer offset added to every expert's column, so every
+    rank still computes the same choice); the table whose busiest rank was least loaded wins."""
+    score_EG = score_EG.astype(np.int64)
+    N, K = experts_NK.shape
+    if N == 0:
+        return score_EG.astype(np.int32)
+    best, best_max, step = score_EG.copy(), None, SCALE * strength / K
+    for _ in range(rounds):
+        load_G = np.bincount(choose_anchors(score_EG, experts_NK, ranks_NK), minlength=G)
+        if best_max is None or load_G.max() < best_max:
+            best, best_max = score_EG.copy(), load_G.max()
+        if load_G.max() <= 1.05 * N / G:
+            break
+        score_EG = score_EG - np.rint(step * (load_G - N / G) / (N / G)).astype(np.int64)[None, :]
+        step *= 0.7
+    return np.clip(best, -MAX_ABS_SCORE // K, MAX_ABS_SCORE // K).astype(np.int32)
 
 
 def _scores(experts_NK: np.ndarray, next_member_NG: np.ndarray, E: int) -> np.ndarray:

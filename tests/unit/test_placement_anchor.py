@@ -98,7 +98,7 @@ def _nb(p, q, K=2):
 
 
 def test_fit_by_hand():
-    table = fit_anchor_table(_trace(TOP2), CONTIGUOUS, 2)
+    table = fit_anchor_table(_trace(TOP2), CONTIGUOUS, 2, balance=0)
     # next-layer ranks R_1: token 0 {0}, token 1 {0, 1}, token 2 {0, 1}; layer-0 experts {0,2}, {3,2}, {2,3}
     # add-one smoothing: p = (hits + 1) / (seen + 2), q = (tokens using g + 1) / (3 + 2) = (4/5, 3/5)
     q0, q1 = 4 / 5, 3 / 5
@@ -109,11 +109,32 @@ def test_fit_by_hand():
     assert table.score_LEG[0].tolist() == [[0, -896], [-693, -203], [693, 203], [405, 896]]
     assert table.score_LEG[1].tolist() == [[0, 0]] * 4    # no sequences: nothing follows the last layer
     assert table.meta["chained_tokens"] == 0
-    chained = fit_anchor_table(_trace([[[0, 2]], [[2, 3]]], seq=[0, 0], pos=[0, 1]), CONTIGUOUS[:1], 2)
+    chained = fit_anchor_table(_trace([[[0, 2]], [[2, 3]]], seq=[0, 0], pos=[0, 1]), CONTIGUOUS[:1], 2, balance=0)
     # the last (only) layer predicts the next position's first layer: one pair, token 1 uses rank 1 only:
     # q = (1/3, 2/3); experts 0 and 2 seen once with hits (0, 1); experts 1 and 3 never seen
     seen, unseen = [_nb(1 / 3, 1 / 3), _nb(2 / 3, 2 / 3)], [_nb(1 / 2, 1 / 3), _nb(1 / 2, 2 / 3)]
     assert chained.score_LEG[0].tolist() == [seen, unseen, seen, unseen]
+
+
+def test_the_load_term_spreads_anchored_tokens_by_per_rank_offsets():
+    # 40 tokens, 4 experts on 2 ranks: every token has one expert on each rank, and the next layer always uses
+    # rank 0, so affinity alone anchors every token on rank 0 (where all of them would then run attention)
+    g = np.random.default_rng(0)
+    first = g.integers(0, 2, size=40)
+    layer0 = np.stack([first, 2 + g.integers(0, 2, size=40)], axis=1)
+    layer1 = np.stack([np.zeros(40, int), np.ones(40, int)], axis=1)
+    trace = _trace(np.stack([layer0, layer1], axis=1).tolist())
+    ranks_NK = CONTIGUOUS[0][layer0]
+    pure = fit_anchor_table(trace, CONTIGUOUS, 2, balance=0)
+    fair = fit_anchor_table(trace, CONTIGUOUS, 2)
+    load = lambda t: np.bincount(choose_anchors(t.score_LEG[0], layer0, ranks_NK), minlength=2)  # noqa: E731
+    assert load(pure).tolist() == [40, 0]
+    # a per-rank offset moves the tokens in order of their score gap: the best it can do is split at a gap
+    gap_N = np.sort(pure.score_LEG[0][layer0].sum(axis=1) @ np.array([1, -1]))
+    best = min(max(i, 40 - i) for i in range(41) if i in (0, 40) or gap_N[i - 1] != gap_N[i])
+    assert load(fair).max() == best < 40 and fair.meta["balance"] > 0
+    offset_EG = fair.score_LEG[0].astype(np.int64) - pure.score_LEG[0]
+    assert (offset_EG == offset_EG[:1]).all()      # one integer offset per rank, the same for every expert
 
 
 def test_placement_saves_and_loads_its_table(tmp_path):
