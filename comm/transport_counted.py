@@ -72,12 +72,22 @@ class CountedTransport:
 
     # ---- the plan ---------------------------------------------------------------------------------------------
     def _stage_sizes(self, route: Route) -> tuple[Sizes, torch.Tensor]:
-        """Counts exchange + the layer's one host read. Also returns the held tokens' stage-0 destinations."""
-        G = self.coll.world_size
+        """Counts exchange + the layer's one host read. Also returns the held tokens' stage-0 destinations.
+
+        To each rank d the exchange carries: the rows sent to d; for each later stage, d's sends and receipts
+        caused by this rank's tokens (P columns each for the stages inside a relay group, G for the combine);
+        the bitmap of the tokens anchored at d. When tokens stay home the combine mirrors the dispatch, so only
+        the dispatch sizes travel (a2a: one column, as a plain counts exchange)."""
+        G, P = self.coll.world_size, self.P
         stage0_NG, later = self._source_flows(route, destinations_NG(route.rank_NK, G))
-        cols = [stage0_NG.sum(dim=0)[:, None]]
-        for f_GG in later.values():
-            cols += [f_GG, f_GG.T]
+        cols, widths = [stage0_NG.sum(dim=0)[:, None]], []
+        for stage, f_GG in later.items():
+            if stage == "combine":
+                cols += [f_GG, f_GG.T]
+            else:   # flows inside a relay group: only the P ranks of d's group can appear
+                d_G = self.rank_G
+                cols += [f_GG.view(G, self.Q, P)[d_G, self.group_G], f_GG.T.reshape(G, self.Q, P)[d_G, self.group_G]]
+            widths.append(G if stage == "combine" else P)
         W = max(1, -(-route.num_step_tokens // 62)) if route.tokens_move else 0
         if W:
             cols.append(_anchor_bitmaps_GW(route.token_N, route.anchor_N, G, W))
@@ -86,14 +96,38 @@ class CountedTransport:
         host = torch.cat([recv_GC.reshape(-1), send_GC[:, 0]]).cpu()   # host sync: the layer's only one
         recv_GC, send0 = host[:recv_GC.numel()].view(G, -1), host[recv_GC.numel():]
         send, recv = {"dispatch": send0.tolist()}, {"dispatch": recv_GC[:, 0].tolist()}
-        for i, stage in enumerate(later):
-            block = recv_GC[:, 1 + 2 * G * i: 1 + 2 * G * (i + 1)].sum(dim=0)
-            send[stage], recv[stage] = block[:G].tolist(), block[G:].tolist()
+        start, base = 1, (self.coll.rank // P) * P
+        for stage, width in zip(later, widths):
+            block = recv_GC[:, start:start + 2 * width].sum(dim=0).tolist()
+            start += 2 * width
+            if width == G:
+                send[stage], recv[stage] = block[:G], block[G:]
+            else:
+                send[stage], recv[stage] = ([0] * base + block[:P] + [0] * (G - base - P),
+                                            [0] * base + block[P:] + [0] * (G - base - P))
+        if not route.tokens_move and route.needs_combine:
+            self._mirror_combine(send, recv)
         anchored = None
         if W:
             words = recv_GC[:, -W:].sum(dim=0).tolist()   # each token has one anchor: adding == or-ing
             anchored = bitmap_tokens(words, route.num_step_tokens)
         return Sizes(send, recv, anchored), stage0_NG
+
+    def _mirror_combine(self, send: dict, recv: dict) -> None:
+        """Tokens anchored at home (a = c): every partial goes back the way its row came. A relay sums its
+        node's partials (combine_intra from the ranks it forwarded to, and from its node's direct receivers back
+        to the home rank) and sends one sum back across (combine)."""
+        G, P, grp = self.coll.world_size, self.P, self.coll.rank // self.P
+        same = [g // P == grp for g in range(G)]
+        if not self.relays:
+            send["combine"], recv["combine"] = list(recv["dispatch"]), list(send["dispatch"])
+            return
+        send["combine"] = [0 if same[g] else n for g, n in enumerate(recv["dispatch"])]
+        recv["combine"] = [0 if same[g] else n for g, n in enumerate(send["dispatch"])]
+        send["combine_intra"] = [i + (n if same[g] else 0)
+                                 for g, (i, n) in enumerate(zip(recv["dispatch_intra"], recv["dispatch"]))]
+        recv["combine_intra"] = [i + (n if same[g] else 0)
+                                 for g, (i, n) in enumerate(zip(send["dispatch_intra"], send["dispatch"]))]
 
     def _source_flows(self, route: Route, dest_NG: torch.Tensor):
         """Stage-0 destinations [N, G] of the held tokens, and the [G, G] flows of every later stage they cause."""
@@ -116,7 +150,7 @@ class CountedTransport:
         if self.relays:
             relay_NG = relay_NQ[:, self.group_G]
             later["dispatch_intra"] = flows_GG(relay_NG, cells_G, dest_NG & ~own_G[None, :] & (cells_G != relay_NG), G)
-        if route.needs_combine:
+        if route.needs_combine and route.tokens_move:   # (tokens at home: the combine mirrors the dispatch)
             if self.relays:
                 target_NG = target_NQ[:, self.group_G]
                 later["combine_intra"] = flows_GG(cells_G, target_NG, dest_NG & (cells_G != target_NG), G)

@@ -79,6 +79,11 @@ def test_dispatch_combine_matches_one_process_sum(dist_grid, G):
         assert [s.calls for s in d_stats] == [1, relay_calls], case.name
         assert [s.calls for s in c_stats] == [combine_calls * relay_calls, combine_calls], case.name
         assert merged.total(CollKind.A2A_SPLITS).calls == (0 if case.transport is Transport.FIXED else 1)
+        if not case.strategy.coherent and case.transport is not Transport.FIXED:
+            # tokens at home: the combine mirrors the dispatch, so only the dispatch sizes are exchanged
+            # (a2a: one int64 per peer; node_aware: + the P-wide forward counts inside the node)
+            cols = 1 if case.transport is Transport.A2A else 1 + 2 * GPUS_PER_NODE[G]
+            assert merged.total(CollKind.A2A_SPLITS).wire_bytes == G * (G - 1) * cols * 8, case.name
         assert sum(s.payload_bytes for s in d_stats) == dispatch * case.hidden * 4
         if case.transport is Transport.FIXED:   # the wire carries every slot of the fixed buffers
             assert d_stats[0].wire_bytes >= d_stats[0].payload_bytes, case.name
