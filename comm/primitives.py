@@ -57,7 +57,7 @@ class Collectives:
     def all_to_all_rows(self, send_NB: torch.Tensor, send_counts: list[int], recv_counts: list[int], *,
                         kind: CollKind, phase: str, layer: int | None, payload_bytes_per_row: int,
                         rows_per_send_row: int = 1, async_op: bool = False,
-                        real_rows_G: torch.Tensor | None = None):
+                        real_rows_G: torch.Tensor | None = None, intra_node: bool = False):
         """Send rows ``send_NB`` grouped by destination (``send_counts[g]`` rows to rank g) and receive
         ``recv_counts[s]`` rows from each rank s. Returns ``(recv_MB, work)``; ``work`` is None unless
         ``async_op`` (then the caller must ``work.wait()`` before reading ``recv_MB``).
@@ -65,6 +65,8 @@ class Collectives:
         Counted: rows sent to other ranks x ``rows_per_send_row`` (e.g. attention layers packed in one row).
         ``real_rows_G`` (fixed-capacity buffers): a device count of the real rows in each destination's block;
         transfers and payload count those (read by the counters later, never here), wire bytes every row.
+        ``intra_node``: every row stays on this node; the call runs on the node's own group (when there is one),
+        so it never waits on another node.
         """
         G, me = self.world_size, self.rank
         if len(send_counts) != G or len(recv_counts) != G or sum(send_counts) != send_NB.shape[0]:
@@ -74,8 +76,9 @@ class Collectives:
             return send_NB.clone().reshape(recv_shape), None
         send_NB = send_NB.contiguous()
         recv_MB = torch.empty(recv_shape, dtype=send_NB.dtype, device=send_NB.device)
-        work = dist.all_to_all_single(recv_MB, send_NB, list(recv_counts), list(send_counts),
-                                      group=self.topology.group, async_op=async_op)
+        group, send_c, recv_c = self._group_for(intra_node, self.topology.node_group, self.topology.group,
+                                                send_counts, recv_counts)
+        work = dist.all_to_all_single(recv_MB, send_NB, recv_c, send_c, group=group, async_op=async_op)
         wire_rows = sum(send_counts) - send_counts[me]
         row_bytes = math.prod(send_NB.shape[1:]) * send_NB.element_size()
         node, per_node = self.topology.node, self.topology.gpus_per_node
@@ -91,8 +94,21 @@ class Collectives:
                              payload_bytes=out_rows * payload_bytes_per_row, wire_bytes=wire_rows * row_bytes)
         return recv_MB, work
 
+    def _group_for(self, intra_node: bool, node_group, whole_group, send_counts: list[int], recv_counts: list[int]):
+        """(group, send counts, receive counts) for a call: the node's group with its ranks' counts when every
+        row stays on the node and the node has a group of its own, else the whole group."""
+        topo = self.topology
+        if not intra_node or node_group is None:
+            return whole_group, list(send_counts), list(recv_counts)
+        lo, hi = topo.node * topo.gpus_per_node, (topo.node + 1) * topo.gpus_per_node
+        outside = [g for g in range(self.world_size) if not lo <= g < hi and (send_counts[g] or recv_counts[g])]
+        if outside:
+            raise ValueError(f"rank {self.rank}: an intra-node call has rows for ranks {outside} of other nodes")
+        return node_group, list(send_counts[lo:hi]), list(recv_counts[lo:hi])
+
     def all_to_all_bytes(self, send_B: torch.Tensor, send_counts: list[int], recv_counts: list[int], *,
-                         kind: CollKind, phase: str, parts: list[tuple[int | None, int, int, int]]):
+                         kind: CollKind, phase: str, parts: list[tuple[int | None, int, int, int]],
+                         intra_node: bool = False):
         """Uneven all-to-all of a uint8 stream (``send_counts[g]`` bytes to rank g) on the topology's K/V group,
         asynchronously. Returns ``(recv_B, work)`` (``work.wait()`` before reading). Counted as one call (layer
         None) whose figures are attributed by ``parts``: (MoE layer or None, rows, cross-node rows, payload bytes)
@@ -101,8 +117,9 @@ class Collectives:
         if G == 1:
             return send_B[:0].clone(), None
         recv_B = torch.empty(sum(recv_counts), dtype=torch.uint8, device=send_B.device)
-        work = dist.all_to_all_single(recv_B, send_B.contiguous(), list(recv_counts), list(send_counts),
-                                      group=self.topology.kv_group, async_op=True)
+        group, send_c, recv_c = self._group_for(intra_node, self.topology.node_kv_group, self.topology.kv_group,
+                                                send_counts, recv_counts)
+        work = dist.all_to_all_single(recv_B, send_B.contiguous(), recv_c, send_c, group=group, async_op=True)
         self.counters.record(kind, phase=phase, layer=None, wire_bytes=sum(send_counts) - send_counts[me])
         for layer, rows, cross_rows, payload_bytes in parts:
             self.counters.record(kind, phase=phase, layer=layer, rows=rows, cross_node_rows=cross_rows,

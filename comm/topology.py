@@ -45,6 +45,9 @@ class EPTopology:
     kv_group: object | None = None    # coherent K/V copies: a communicator of their own, so that a copy in
                                       # flight never queues in front of a dispatch (NCCL runs one
                                       # communicator's collectives in order)
+    node_group: object | None = None  # the ranks of this node (several nodes only): node_aware's stages inside a
+                                      # node never wait on another node
+    node_kv_group: object | None = None   # the same ranks, for the K/V forwards inside a node
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -101,8 +104,17 @@ def init_ep_topology(*, rank: int, world_size: int, local_world_size: int, init_
     group = dist.group.WORLD
     cpu_group = group if backend is Backend.GLOO else dist.new_group(backend="gloo", timeout=timeout)
     kv_group = dist.new_group(backend=backend.value, timeout=timeout)
+    node_group = node_kv_group = None
+    P = local_world_size
+    if 1 < P < world_size:   # every rank creates every node's groups, in the same order
+        for purpose in ("data", "kv"):
+            for n in range(world_size // P):
+                g = dist.new_group(ranks=list(range(n * P, (n + 1) * P)), backend=backend.value, timeout=timeout)
+                if n == rank // P:
+                    node_group, node_kv_group = (g, node_kv_group) if purpose == "data" else (node_group, g)
     return EPTopology(rank=rank, world_size=world_size, gpus_per_node=local_world_size, backend=backend,
-                      device=device, group=group, cpu_group=cpu_group, kv_group=kv_group)
+                      device=device, group=group, cpu_group=cpu_group, kv_group=kv_group, node_group=node_group,
+                      node_kv_group=node_kv_group)
 
 
 def shutdown_ep_topology(topology: EPTopology) -> None:

@@ -173,8 +173,8 @@ class CountedTransport:
                                              payload_bytes_per_row=self.row_bytes)
         received = [recv0]
         if self.relays:   # rows that crossed into this node go on to its other expert ranks
-            src_R = torch.repeat_interleave(self.rank_G, torch.tensor(sizes.recv["dispatch"], device=self.rank_G.device),
-                                            output_size=recv0.shape[0])
+            recv_G = torch.tensor(sizes.recv["dispatch"], device=self.rank_G.device)
+            src_R = torch.repeat_interleave(self.rank_G, recv_G, output_size=recv0.shape[0])
             got0 = self.codec.unpack(recv0)
             rank_RK = self.expert_to_rank_LE[route.layer][got0["topk_ids"].long()]
             crossed_R = self.group_G[src_R] != me // P
@@ -185,7 +185,7 @@ class CountedTransport:
             recv1, _ = self.coll.all_to_all_rows(recv0[j], sizes.send["dispatch_intra"],
                                                  sizes.recv["dispatch_intra"], kind=CollKind.ALL_TO_ALL,
                                                  phase="dispatch_intra", layer=route.layer,
-                                                 payload_bytes_per_row=self.row_bytes)
+                                                 payload_bytes_per_row=self.row_bytes, intra_node=True)
             received.append(recv1)
         rows = handled_rows(route, self.codec.unpack(torch.cat(received)))
         rows["rank"] = self.expert_to_rank_LE[route.layer][rows["ids"]]
@@ -228,7 +228,7 @@ class CountedTransport:
         send = self.ycodec.pack(value_HD.device, token=token_H[order, None], y=value_HD[order])
         recv, _ = self.coll.all_to_all_rows(send, h.sizes.send[stage], h.sizes.recv[stage],
                                             kind=CollKind.ALL_TO_ALL, phase=stage, layer=h.layer,
-                                            payload_bytes_per_row=self.row_bytes)
+                                            payload_bytes_per_row=self.row_bytes, intra_node=stage == "combine_intra")
         got = self.ycodec.unpack(recv)
         y_HD.index_add_(0, slot_T[got["token"][:, 0].long()], got["y"])
 

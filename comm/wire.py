@@ -44,7 +44,8 @@ class RowCodec:
             v = values[f.name]
             if v.shape != (n, f.width):
                 raise ValueError(f"field {f.name}: expected [{n}, {f.width}], got {tuple(v.shape)}")
-            parts.append(v.to(device=device, dtype=f.dtype).reshape(-1).contiguous().view(torch.uint8).reshape(n, f.nbytes))
+            flat = v.to(device=device, dtype=f.dtype).reshape(-1).contiguous()   # (a [N, 1] view may have stride 0)
+            parts.append(flat.view(torch.uint8).reshape(n, f.nbytes))
         if not parts:
             return torch.empty((n, 0), dtype=torch.uint8, device=device)
         return torch.cat(parts, dim=1)

@@ -130,7 +130,7 @@ class KVCoherence:
                  for y, n in enumerate(counts_Y) if n]
         send_B = forward_B.repeat(len(peers)) if peers else forward_B[:0]
         recv_B, work = self.coll.all_to_all_bytes(send_B, send_counts, recv_counts, kind=CollKind.KV_COHERENCE,
-                                                  phase="kv_intra", parts=parts)
+                                                  phase="kv_intra", parts=parts, intra_node=True)
         self._apply(pending.recv_B, pending.sources, pending)
         return _Pending(work, recv_B, [s for q in peers for s in relayed_by[q]], pending.counts_GY,
                         pending.slot_T, [])
