@@ -99,6 +99,7 @@ class LayerTraffic:
     expert_load: tuple[int, ...]   # activations per expert
     kv_bytes: int = 0         # K/V copies sent by all ranks for the attention layers up to this MoE layer
                               # (coherent strategies replicate every sequence's context on every rank)
+    cross_node_bytes: int = 0   # the part of a2a_bytes + kv_bytes that crossed between nodes
 
     @property
     def lar(self) -> float:

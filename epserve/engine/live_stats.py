@@ -23,7 +23,7 @@ from comm.host_collectives import HostCollectives
 from comm.topology import EPTopology
 from epserve.engine.api import LayerTraffic
 
-_COUNTER_COLS = 5   # calls, payload bytes, transfers, K/V copy bytes, local activations
+_COUNTER_COLS = 6   # calls, payload bytes, transfers, K/V copy bytes, local activations, cross-node bytes
 STATS_PHASE = "live_stats"
 
 
@@ -56,7 +56,8 @@ class LiveStats:
         for m in range(self.num_layers):
             a2a = counters.total(CollKind.ALL_TO_ALL, layer=m)
             kv = counters.total(CollKind.KV_COHERENCE, layer=m)
-            rows.append(torch.tensor([a2a.calls, a2a.payload_bytes, a2a.rows, kv.payload_bytes, local_L[m]],
+            cross = sum(c.payload_bytes * c.cross_node_rows // c.rows for c in (a2a, kv) if c.rows)
+            rows.append(torch.tensor([a2a.calls, a2a.payload_bytes, a2a.rows, kv.payload_bytes, local_L[m], cross],
                                      dtype=torch.int64))
         head = torch.stack(rows) if rows else torch.zeros(0, _COUNTER_COLS, dtype=torch.int64)
         return torch.cat([head, self.expert_load_LE.cpu()], dim=1).reshape(-1)
@@ -80,6 +81,7 @@ class LiveStats:
         layers = tuple(LayerTraffic(moe_layer=m, a2a_calls=int(calls_GL[0, m]), a2a_bytes=int(sum_LC[m, 1]),
                                     transfers=int(sum_LC[m, 2]), activations=int(load_LE[m].sum()),
                                     kv_bytes=int(sum_LC[m, 3]), local_activations=int(sum_LC[m, 4]),
+                                    cross_node_bytes=int(sum_LC[m, 5]),
                                     expert_load=tuple(load_LE[m].tolist()))
                        for m in range(self.num_layers))
         rank_LE = self.expert_to_rank_LE.cpu()

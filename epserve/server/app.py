@@ -311,6 +311,7 @@ class _Server:
             layers.append({"moe_layer": t.moe_layer, "lar": t.lar, "imbalance": t.imbalance,
                            "transfers_per_token_layer": t.transfers / tokens if tokens else 0.0,
                            "a2a_calls": t.a2a_calls, "a2a_bytes": t.a2a_bytes, "kv_bytes": t.kv_bytes,
+                           "cross_node_bytes": t.cross_node_bytes,
                            "transfers": t.transfers,
                            "activations": t.activations, "local_activations": t.local_activations,
                            "expert_load": list(t.expert_load)})

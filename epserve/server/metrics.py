@@ -61,6 +61,8 @@ def _layer_families(snap):
         "epserve_transfers": ("hidden-state vectors sent between ranks per MoE layer", lambda t: t.transfers),
         "epserve_kv_coherence_bytes": ("K/V copies sent by all ranks for the attention layers up to each MoE "
                                        "layer (coherent strategies)", lambda t: t.kv_bytes),
+        "epserve_cross_node_bytes": ("all-to-all and K/V bytes that crossed between nodes per MoE layer",
+                                     lambda t: t.cross_node_bytes),
         "epserve_activations": ("router (token, expert) choices per MoE layer", lambda t: t.activations),
         "epserve_local_activations": ("activations whose expert was on the token's rank",
                                       lambda t: t.local_activations),

@@ -122,6 +122,7 @@ def test_snapshot_traffic_equals_counters_and_trace(engine_runs, engine_ckpt):
             kv = merged.total(CollKind.KV_COHERENCE, layer=m)
             assert layer.kv_bytes == kv.payload_bytes, f"G={G} {case.name} layer {m}"
             assert (layer.kv_bytes > 0) == (G > 1 and case.strategy.coherent), f"G={G} {case.name} layer {m}"
+            assert layer.cross_node_bytes == 0, f"G={G} {case.name}: one node, nothing crosses"
             assert layer.activations == T * K, f"G={G} {case.name} layer {m}"
             want_load = np.bincount(trace.experts_TLK[:, m].ravel(), minlength=E)
             assert layer.expert_load == tuple(want_load.tolist()), f"G={G} {case.name} layer {m}"
