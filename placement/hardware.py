@@ -6,8 +6,14 @@
 
 A link class's beta is per rank (each GPU has its own NVLink ports and its own NIC), unless the class is
 ``shared_per_node``: one link per node carries all of its ranks' traffic (a veth pair, one NIC per node); then
-the bottleneck is a node's summed bytes. A user profile (JSON, the format ``to_dict`` writes) with a missing or
-negative figure is refused naming it.
+the bottleneck is a node's summed bytes. A link also has a size on the wire beyond the payload: bytes per directed
+message between two ranks (``message_overhead_bytes``: TCP/IP and gloo headers, gloo's receive-ready notice, ACKs;
+a gloo all-to-all sends one to every peer, empty ones included) and per payload byte (``payload_overhead``:
+segment headers and ACKs). A token-bucket link (tc tbf) has a ``burst_bytes`` bucket that refills while nothing
+waits, so host/compute time between collectives is not lost to the link (cost_model.py).
+A profile's ``step_fixed_s`` is the part of a step the link model cannot give (compute, host glue, per-call
+latency); it is a measured calibration input (e.g. the same step on an unshaped link). A user profile (JSON, the
+format ``to_dict`` writes) with a missing or negative figure is refused naming it.
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ class LinkProfile:
     beta_bytes_per_s: float         # bytes per second per rank (per node when shared_per_node)
     alpha_per_peer_s: float = 0.0   # extra seconds per peer of this class in the call (gloo's pairwise sends)
     shared_per_node: bool = False
+    message_overhead_bytes: float = 0.0   # link bytes per directed message between two ranks, beside the payload
+    payload_overhead: float = 0.0         # extra link bytes per payload byte (headers of full segments, ACKs)
+    burst_bytes: float = 0.0              # token bucket depth (tc tbf's burst); 0: not a token-bucket link
 
     def __post_init__(self) -> None:
-        for name in ("alpha_s", "alpha_per_peer_s", "beta_bytes_per_s"):
+        for name in ("alpha_s", "alpha_per_peer_s", "beta_bytes_per_s", "message_overhead_bytes",
+                     "payload_overhead", "burst_bytes"):
             _check_figure(name, getattr(self, name), positive=name == "beta_bytes_per_s")
         if not isinstance(self.shared_per_node, bool):
             raise InputError(f"shared_per_node must be true or false, got {self.shared_per_node!r}")
@@ -47,10 +57,11 @@ class HardwareProfile:
     inter_node: LinkProfile
     host_s_per_collective: float = 0.0   # host time per collective call (Python glue, launch) beside the wire
     step_s: float = 0.0                  # fixed communication seconds per step (control messages)
+    step_fixed_s: float = 0.0            # measured compute + host seconds per step beside the link (calibration)
     sources: tuple[dict, ...] = field(default_factory=tuple)   # {"url": ..., "says": ...} for every figure
 
     def __post_init__(self) -> None:
-        for name in ("host_s_per_collective", "step_s"):
+        for name in ("host_s_per_collective", "step_s", "step_fixed_s"):
             _check_figure(name, getattr(self, name))
         for src in self.sources:
             if not isinstance(src, dict) or not {"url", "says"} <= src.keys():
@@ -58,10 +69,12 @@ class HardwareProfile:
 
     def to_dict(self) -> dict:
         link = lambda p: {"alpha_s": p.alpha_s, "alpha_per_peer_s": p.alpha_per_peer_s,  # noqa: E731
-                          "beta_bytes_per_s": p.beta_bytes_per_s, "shared_per_node": p.shared_per_node}
+                          "beta_bytes_per_s": p.beta_bytes_per_s, "shared_per_node": p.shared_per_node,
+                          "message_overhead_bytes": p.message_overhead_bytes, "payload_overhead": p.payload_overhead,
+                          "burst_bytes": p.burst_bytes}
         return {"name": self.name, "intra_node": link(self.intra_node), "inter_node": link(self.inter_node),
                 "host_s_per_collective": self.host_s_per_collective, "step_s": self.step_s,
-                "sources": list(self.sources)}
+                "step_fixed_s": self.step_fixed_s, "sources": list(self.sources)}
 
     @classmethod
     def from_dict(cls, d: dict, *, what: str = "hardware profile") -> "HardwareProfile":
@@ -79,13 +92,16 @@ class HardwareProfile:
             try:
                 links[cls_name] = LinkProfile(alpha_s=sub["alpha_s"], beta_bytes_per_s=sub["beta_bytes_per_s"],
                                               alpha_per_peer_s=sub.get("alpha_per_peer_s", 0.0),
-                                              shared_per_node=sub.get("shared_per_node", False))
+                                              shared_per_node=sub.get("shared_per_node", False),
+                                              message_overhead_bytes=sub.get("message_overhead_bytes", 0.0),
+                                              payload_overhead=sub.get("payload_overhead", 0.0),
+                                              burst_bytes=sub.get("burst_bytes", 0.0))
             except InputError as exc:
                 raise InputError(f"{what}: {cls_name}.{exc}") from None
         try:
             return cls(name=str(d.get("name", what)), **links,
                        host_s_per_collective=d.get("host_s_per_collective", 0.0), step_s=d.get("step_s", 0.0),
-                       sources=tuple(d.get("sources") or ()))
+                       step_fixed_s=d.get("step_fixed_s", 0.0), sources=tuple(d.get("sources") or ()))
         except (InputError, TypeError) as exc:
             raise InputError(f"{what}: {exc}") from None
 
@@ -151,16 +167,53 @@ def parse_rate(text: str) -> float:
     return value
 
 
-def shaped_profile(rate_bytes_per_s: float, *, base: HardwareProfile | None = None) -> HardwareProfile:
+# A veth pair between two network namespaces, gloo over TCP, 2 ranks per node: measured by bench/link_overhead.py.
+VETH_MESSAGE_OVERHEAD_BYTES = 399.0
+VETH_PAYLOAD_OVERHEAD = 0.0153
+TBF_BURST_BYTES = 16 * 1024         # launch/netns.py LinkShape's default burst
+_VETH_SOURCE = {"url": "bench/link_overhead.py (bench/results/link_overhead.md)",
+                "says": "measured 2026-12-02 on the 2-CPU development VM, torch 2.13.0+cpu gloo, 2 network "
+                        "namespaces x 2 ranks, veth shaped with tbf 1 Mbit/s burst 16384 B on both ends: node 0's "
+                        "veth counters (Ethernet frames, both directions) over 12 calls of each op; least squares "
+                        "over all-to-alls (zero splits, one row of 256/2048/8192 B per peer, rows to same-node peers "
+                        "only, 8 B equal splits): 399 B per cross-node directed message (an empty one included) + "
+                        "1.0153 B per payload byte, max relative error 1.7% (unshaped: 395 B, 1.0055 B/B). A "
+                        "broadcast of 256 B from rank 0 costs what 1.9 such messages do (gloo's binomial tree: 2 "
+                        "cross the link), a 64 B all-gather 10.5 (gloo's ring: 2 x (G - 1) half-chunk messages on "
+                        "each of the 2 crossing edges = 12). A call's time tracks its busiest direction's bytes / "
+                        "rate (within 5-20% for the smallest calls)"}
+
+
+def shaped_profile(rate_bytes_per_s: float, *, base: HardwareProfile | None = None,
+                   step_fixed_s: float | None = None, burst_bytes: float = TBF_BURST_BYTES) -> HardwareProfile:
     """Two nodes joined by one link rate-limited with tc tbf (bench/shaped_link.py): the inter-node class is
-    that link (shared by the node's ranks), everything else is ``base`` (default: cpu-gloo, this machine)."""
+    that link (shared by the node's ranks; TCP/gloo overhead per message and per byte as bench/link_overhead.py
+    measured; a token bucket of ``burst_bytes``), everything else is ``base`` (default: cpu-gloo, this machine).
+
+    ``step_fixed_s``: the measured compute + host seconds of a step (e.g. the same config's step on the unshaped
+    link, which bench/shaped_link.py measures for its baseline). That measurement already holds every call's host
+    and latency cost, so with it the profile's alphas and host time are zero and a step is that time plus the link's
+    (minus what the bucket refills meanwhile); without it the alphas are base's (a ranking, not a step time)."""
     base = base or _builtin()["cpu-gloo"]
-    inter = replace(base.inter_node, beta_bytes_per_s=rate_bytes_per_s, shared_per_node=True)
+    inter = replace(base.inter_node, beta_bytes_per_s=rate_bytes_per_s, shared_per_node=True,
+                    message_overhead_bytes=VETH_MESSAGE_OVERHEAD_BYTES, payload_overhead=VETH_PAYLOAD_OVERHEAD,
+                    burst_bytes=burst_bytes)
+    intra = base.intra_node
     rate = f"{rate_bytes_per_s * 8 / 1e6:g} Mbit/s"
-    return replace(base, name=f"shaped:{rate}", inter_node=inter, sources=base.sources + (
-        {"url": "bench/shaped_link.py",
-         "says": f"inter-node link = one veth pair shaped with tc tbf at {rate} (beta_inter, shared by each node's "
-                 f"ranks); alphas from {base.name}"},))
+    says = f"inter-node link = one veth pair shaped with tc tbf at {rate}, burst {burst_bytes:g} B (beta_inter, " \
+           f"shared by each node's ranks); "
+    extra = {}
+    if step_fixed_s is not None:
+        _check_figure("step_fixed_s", step_fixed_s)
+        inter, intra = replace(inter, alpha_s=0.0, alpha_per_peer_s=0.0), replace(intra, alpha_s=0.0,
+                                                                                 alpha_per_peer_s=0.0)
+        extra = {"step_fixed_s": step_fixed_s, "host_s_per_collective": 0.0}
+        says += (f"compute + host {step_fixed_s * 1e3:g} ms per step given by the caller (measured unshaped), "
+                 f"alphas 0 (in that time); intra-node beta from {base.name}")
+    else:
+        says += f"alphas from {base.name}"
+    return replace(base, name=f"shaped:{rate}", inter_node=inter, intra_node=intra, **extra,
+                   sources=base.sources + (_VETH_SOURCE, {"url": "bench/shaped_link.py", "says": says}))
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
