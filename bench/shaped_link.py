@@ -257,48 +257,68 @@ def server_delta(before: dict, after: dict, wall_s: float) -> dict:
 
 
 # ---- the cost model (placement.cost_model, issue 8 item 4) ---------------------------------------------------
-def predicted_step(model: Model, cfg: Config, rate_bit_s: int, args) -> tuple[dict | None, str]:
-    """HOOK for placement.cost_model (being written beside this benchmark): the simulator's report of this config
-    on the model trace's held-out 40% -> ``cost_model.predict(report, model=ModelShape, hardware=shaped:RATE,
-    tokens_per_step=clients)``. Returns ({step_ms, inter_node_bytes_per_step, bottleneck}, "") or (None, why
-    not); never raises."""
-    try:
-        from placement import cost_model, hardware
-    except ImportError:
-        return None, "placement.cost_model / placement.hardware not present yet"
+def predicted_step(model: Model, cfg: Config, rate_bit_s: int, args, *, unshaped_step_ms: float | None,
+                   steps: int | None) -> tuple[dict | None, str]:
+    """placement.cost_model's prediction of this config's measured step: the simulator's report on the model
+    trace's held-out 40%, priced on ``shaped_profile(rate, step_fixed_s = the unshaped baseline's measured step)``
+    (the compute + host part, which no link model gives), for the load's mix of steps: requests // clients
+    prefill steps of (served prompt tokens / that many) tokens, the other steps decode steps of ``clients``
+    tokens. Returns ({step_ms, inter_node_bytes_per_step, bottleneck}, "") or (None, why not); never raises."""
     if cfg.strategy == "auto":
         return None, "auto: see the config it picks"
+    if not unshaped_step_ms or not steps:
+        return None, "no unshaped baseline step or no step count to calibrate with"
     try:
+        from tokenizers import Tokenizer
+
         from epserve.model.config import ModelConfig
+        from placement import cost_model, hardware
         from placement.placement import Placement
         from placement.predictor import SpeculativePredictor
         from placement.simulate import SimOptions, Strategy, simulate
         from placement.trace import RoutingTrace
+        from placement.transport import Transport
 
         mc = ModelConfig.from_dir(model.directory)
         strategy = Strategy.parse(cfg.strategy)
         placement = Placement.load(model.placement if cfg.solved else model.contiguous)
         trace = RoutingTrace.load(model.trace).split(0.6)[1]
-        extra = {}
+        extra = {"transport": Transport.parse(cfg.transport or "a2a")}
         if strategy.needs_predictor:
             extra["predictor"] = SpeculativePredictor.load(model.placement.with_suffix(".predictor.npz"))
-        if "transport" in inspect.signature(simulate).parameters:
-            from placement.transport import Transport
-            extra["transport"] = Transport.parse(cfg.transport or "a2a")
-        elif cfg.transport:
-            return None, "the simulator takes no transport yet"
         report = simulate(trace, placement, strategy, **extra,
                           options=SimOptions(hidden_size=mc.hidden_size, dtype_bytes=4,
                                              kv_entry_bytes=2 * mc.num_kv_heads * mc.head_dim * 4))
         shape = cost_model.ModelShape.from_fields(
             hidden_size=mc.hidden_size, num_layers=mc.num_layers, moe_layers=len(mc.moe_layer_ids), top_k=mc.top_k,
             dtype_bytes=4, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, num_experts=mc.num_experts)
-        got = cost_model.predict(report, model=shape, hardware=hardware.load_profile(f"shaped:{rate_bit_s}bit"),
-                                 tokens_per_step=args.clients)
-        return {"step_ms": 1e3 * got.step_s, "bottleneck": got.bottleneck,
-                "inter_node_bytes_per_step": got.bytes_per_step.get("inter_node")}, ""
+        profile = hardware.shaped_profile(rate_bit_s / 8, step_fixed_s=unshaped_step_ms / 1e3)
+        tok = Tokenizer.from_file(str(model.directory / "tokenizer.json"))
+        prompt_tokens = sum(len(tok.encode(PROMPTS[i % len(PROMPTS)]).ids) for i in range(args.requests))
+        waves = max(1, args.requests // args.clients)
+        at = lambda n: cost_model.predict(report, model=shape, hardware=profile, tokens_per_step=n,  # noqa: E731
+                                          sequences_per_step=args.clients)
+        decode, prefill = at(args.clients), at(max(1, round(prompt_tokens / waves)))
+        mix = lambda f: (waves * f(prefill) + (steps - waves) * f(decode)) / steps  # noqa: E731
+        return {"step_ms": 1e3 * mix(lambda c: c.step_s), "bottleneck": decode.bottleneck,
+                "inter_node_bytes_per_step": mix(lambda c: c.bytes_per_step.get("inter_node", 0.0))}, ""
     except Exception as exc:   # the hook must never sink the measurement
         return None, f"cost model failed: {type(exc).__name__}: {exc}"[:300]
+
+
+def repredict(path: Path, work: Path, args) -> dict:
+    """Recompute the predicted columns of a saved run (the measurements are kept as they are)."""
+    result = json.loads(path.read_text())
+    rate = result["setup"]["rate_bit_s"]
+    for key, m in result["models"].items():
+        model = prepare_model(key, work, args.trace)
+        base_ms = (m["unshaped_baseline"].get("server") or {}).get("step_ms")
+        for row in m["rows"]:
+            if row.get("status") == "ok":
+                cfg = next(c for c in CONFIGS if c.name == row["config"])
+                row["predicted"], row["predicted_note"] = predicted_step(
+                    model, cfg, rate, args, unshaped_step_ms=base_ms, steps=(row.get("server") or {}).get("steps"))
+    return result
 
 
 # ---- report -------------------------------------------------------------------------------------------------
@@ -420,10 +440,18 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=240.0, help="seconds of load per config at most")
     p.add_argument("--ready-timeout", type=float, default=240.0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--repredict", type=Path, metavar="JSON",
+                   help="recompute the cost model's columns of a saved run's JSON, write it to --out, and stop")
     p.add_argument("--client", help=argparse.SUPPRESS)   # internal: the load, inside node 0's namespace
     args = p.parse_args(argv)
     if args.client:
         print(json.dumps(client_main(json.loads(args.client))))
+        return 0
+    if args.repredict:
+        with tempfile.TemporaryDirectory(prefix="shaped-link-") as tmp:
+            result = repredict(args.repredict, Path(tmp), args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(write_report(args.out, result))
         return 0
     shape = LinkShape(args.rate)
     reason = unavailable_reason()
@@ -474,7 +502,9 @@ def run_all(net: TwoNodes, shape: LinkShape, work: Path, args) -> dict:
             row = run_config(net, model, cfg, work, args, tag="shaped",
                              extra=auto_argv(model, cfg, choices["flags"], shape.rate_bit_s))
             if row["status"] == "ok":
-                row["predicted"], row["predicted_note"] = predicted_step(model, cfg, shape.rate_bit_s, args)
+                row["predicted"], row["predicted_note"] = predicted_step(
+                    model, cfg, shape.rate_bit_s, args, unshaped_step_ms=(unshaped.get("server") or {}).get("step_ms"),
+                    steps=(row.get("server") or {}).get("steps"))
             rows.append(row)
             log(f"{cfg.name}: {row.get('output_tokens_per_s', row.get('error', '')[:200])}")
         net.unshape()
