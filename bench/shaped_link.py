@@ -310,6 +310,7 @@ def repredict(path: Path, work: Path, args) -> dict:
     """Recompute the predicted columns of a saved run (the measurements are kept as they are)."""
     result = json.loads(path.read_text())
     rate = result["setup"]["rate_bit_s"]
+    result["setup"]["notes"] = columns_note(result["setup"]["clients"])
     for key, m in result["models"].items():
         model = prepare_model(key, work, args.trace)
         base_ms = (m["unshaped_baseline"].get("server") or {}).get("step_ms")
@@ -525,6 +526,19 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+def columns_note(clients: int) -> str:
+    return ("Columns: step ms measured = load wall time / engine steps during the load (prefill steps included); "
+            "predicted = placement.cost_model on the simulator's replay of the model's trace (held-out 40%), "
+            "priced on shaped_profile(rate, step_fixed_s = the unshaped baseline's measured step: the compute and "
+            "host part, which no link model gives), for the load's mix of steps (requests / clients prefill steps "
+            f"of the served prompts' tokens, the rest decode steps of {clients} tokens). Link KB/step = link bytes "
+            "/ engine steps (both directions), against the cost model's inter-node link bytes per step (payload "
+            "and per-message overhead). Link MB = node 0's veth counters (`ip -s -j link`) over the load, both "
+            "directions: every byte between the nodes (hidden states, K/V copies, control broadcasts, live-stats "
+            "gathers, TCP/IP headers). epserve MB = /placement's a2a_bytes + kv_bytes over the load, summed over "
+            "all ranks and all links (intra-node included); epserve inter-node MB = its cross_node_bytes.")
+
+
 def setup(shape: LinkShape, choices: dict, args) -> dict:
     summary = (f"Two network namespaces joined by a veth pair on one 2-core CPU machine shared with other work, "
                f"`epserve serve --nnodes 2 --nproc-per-node 2` in each (gloo over the veth, GLOO_SOCKET_IFNAME "
@@ -533,15 +547,7 @@ def setup(shape: LinkShape, choices: dict, args) -> dict:
                f"{args.clients} clients, {args.requests} streaming greedy requests (serve_load's prompts in turn, "
                f"max_tokens {args.max_tokens}, ignore_eos), one warm-up request first; a fresh pair of servers "
                f"per config. Ratios are against two_a2a+contiguous on the same shaped link.")
-    notes = ("Columns: step ms measured = load wall time / engine steps during the load (prefill steps "
-             "included); predicted = placement.cost_model's `shaped:RATE` profile (where it exists) on the "
-             "simulator's replay of the model's trace (held-out 40%), at a decode step of "
-             f"{args.clients} tokens. Link KB/step = link bytes / engine steps (both directions), against the "
-             "cost model's inter-node bytes per step. Link MB = node 0's "
-             "veth counters (`ip -s -j link`) over the load, both directions: every byte between the nodes "
-             "(hidden states, K/V copies, control broadcasts, live-stats gathers, TCP/IP headers). epserve MB = "
-             "/placement's a2a_bytes + kv_bytes over the load, summed over all ranks and all links (intra-node "
-             "included); the inter-node share is shown only when /placement reports it.")
+    notes = columns_note(args.clients)
     return {"rate_bit_s": shape.rate_bit_s, "tbf": shape.describe(), "clients": args.clients,
             "requests": args.requests, "max_tokens": args.max_tokens, "trace": _rel(args.trace),
             "serve_choices": {k: sorted(v) for k, v in choices.items() if k != "flags"},
