@@ -122,8 +122,8 @@ def test_stats_gather_is_counted_apart_from_the_data(results):
         assert r["unchanged"]                                  # the STATS entry is not in any layer's figures
         stats = [row for row in r["stats"] if row["kind"] == "stats"]
         assert stats == [{"kind": "stats", "phase": STATS_PHASE, "layer": None, "calls": 1, "rows": G - 1,
-                          "cross_node_rows": REMOTE, "payload_bytes": (G - 1) * 2 * (5 + 3) * 8,
-                          "wire_bytes": (G - 1) * 2 * (5 + 3) * 8}]
+                          "cross_node_rows": REMOTE, "payload_bytes": (G - 1) * 2 * (6 + 3) * 8,
+                          "wire_bytes": (G - 1) * 2 * (6 + 3) * 8}]   # 2 layers x (6 counters + 3 experts)
         layers = r["traffic"].layers
         assert [(t.a2a_calls, t.transfers, t.a2a_bytes) for t in layers] == [(1, G, 8 * G), (1, 2 * G, 16 * G)]
         assert layers[0].expert_load == (G, G, 0) and layers[0].local_activations == 2   # ranks 0 and 1

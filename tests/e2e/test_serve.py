@@ -26,9 +26,10 @@ API_KEY = "e2e-secret-key"
 EOS = (1, 5)
 CHAT = [{"role": "user", "content": "sort a list"}]
 
-# (ranks, strategy, solved placement?)
-CONFIGS = [(2, "two_a2a", False), (2, "coherent", True), (2, "speculative", True),
-           (4, "two_a2a", True), (4, "coherent", True), (4, "speculative", True), (4, "speculative_two_a2a", True)]
+# (ranks, strategy, solved placement?, transport)
+CONFIGS = [(2, "two_a2a", False, "a2a"), (2, "coherent", True, "a2a"), (2, "speculative", True, "fixed"),
+           (4, "two_a2a", True, "fixed"), (4, "coherent", True, "a2a"), (4, "speculative", True, "a2a"),
+           (4, "speculative_two_a2a", True, "a2a")]
 
 
 def _finish(ref: list[int], max_tokens: int) -> str:
@@ -40,10 +41,12 @@ def _sse(response) -> list:
             for line in response.iter_lines() if line.startswith("data: ")]
 
 
-@pytest.mark.parametrize("ranks, strategy, solved", CONFIGS, ids=[f"{g}x{s}" + ("+solved" if p else "")
-                                                                  for g, s, p in CONFIGS])
-def test_serves_the_one_process_tokens(ranks, strategy, solved, pipeline, serve, tokenizer, reference, tmp_path):
-    argv = ["--nproc-per-node", str(ranks), "--strategy", strategy, "--collective-timeout", "60"]
+@pytest.mark.parametrize("ranks, strategy, solved, transport", CONFIGS,
+                         ids=[f"{g}x{s}" + ("+solved" if p else "") + f"+{t}" for g, s, p, t in CONFIGS])
+def test_serves_the_one_process_tokens(ranks, strategy, solved, transport, pipeline, serve, tokenizer, reference,
+                                       tmp_path):
+    argv = ["--nproc-per-node", str(ranks), "--strategy", strategy, "--transport", transport,
+            "--collective-timeout", "60"]
     if solved:
         argv += ["--placement", str(pipeline[ranks])]
     live_trace = tmp_path / "live.npz" if (ranks, strategy) == (2, "two_a2a") else None

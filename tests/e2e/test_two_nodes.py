@@ -1,6 +1,6 @@
 """Two nodes: two network namespaces joined by a veth pair, one ``epserve serve --nnodes 2`` in each (2 ranks
-per node, 4 in all). A request to node 0's server, made inside its namespace, is answered with the one-process
-tokens; stopping node 0 (Ctrl-C) ends both nodes cleanly."""
+per node, 4 in all; coherent with the node-aware transport). A request to node 0's server, made inside its
+namespace, is answered with the one-process tokens; stopping node 0 (Ctrl-C) ends both nodes cleanly."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_two_nodes_answer_with_the_one_process_tokens(two_namespaces, serve, tok
     (ns0, dev0, addr0), (ns1, dev1, _) = two_namespaces
     master_port, port = free_port(), free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "2", "--master-addr", addr0, "--master-port", str(master_port),
-              "--strategy", "coherent", "--collective-timeout", "60"]
+              "--strategy", "coherent", "--transport", "node_aware", "--collective-timeout", "60"]
     # gloo picks its interface from the hostname by default, which is not reachable inside a namespace
     node1 = serve([*common, "--node-rank", "1"], netns=ns1, port=port, wait=False,
                   env={"GLOO_SOCKET_IFNAME": dev1})
