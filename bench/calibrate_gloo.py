@@ -103,7 +103,7 @@ def write(out: Path, rows: list[dict], fits: list[dict], prof: HardwareProfile) 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**prof.to_dict(), "calibration": {"fits": fits, "rows": rows}}, indent=1) + "\n")
     md = out.with_suffix(".md")
-    lines = [f"# cpu-gloo calibration", "", prof.sources[0]["says"], "",
+    lines = ["# cpu-gloo calibration", "", prof.sources[0]["says"], "",
              "| ranks | alpha (us) | beta (MB/s per rank) | max relative error |", "|--|--|--|--|"]
     lines += [f"| {f['world_size']} | {f['alpha_s'] * 1e6:.1f} | {f['beta_bytes_per_s'] / 1e6:.1f} | "
               f"{f['max_relative_error']:.0%} |" for f in fits]
