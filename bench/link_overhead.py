@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch.netns import LinkShape, NetnsUnavailable, TwoNodes, format_rate, parse_rate, read_link_bytes  # noqa: E402
+from launch.netns import LinkShape, NetnsUnavailable, TwoNodes, format_rate, rate_argument, read_link_bytes  # noqa: E402
 from launch.netns import unavailable_reason  # noqa: E402
 
 RANKS_PER_NODE = 2
@@ -208,16 +208,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _rate(text: str) -> int:
-    try:
-        return parse_rate(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--rate", type=_rate, default="1mbit", help="tbf rate on each veth end (default 1mbit, as "
+    p.add_argument("--rate", type=rate_argument, default="1mbit", help="tbf rate on each veth end (default 1mbit, as "
                                                                "bench/shaped_link.py)")
     p.add_argument("--reps", type=int, default=12, help="calls per measurement (default 12)")
     p.add_argument("--row-bytes", type=int, nargs="+", default=[256, 2048, 8192],

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.serve_load import PROMPTS, closed_loop, one_request  # noqa: E402  (the same load as serve_load)
 from comm.spawn import free_port  # noqa: E402
-from launch.netns import (LinkShape, NetnsUnavailable, TwoNodes, format_rate, parse_rate,  # noqa: E402
+from launch.netns import (LinkShape, NetnsUnavailable, TwoNodes, format_rate, rate_argument,  # noqa: E402
                           read_link_bytes, unavailable_reason)
 from launch.serve_cmd import default_model_dir  # noqa: E402
 from launch.serve_process import ServeProcess, serve_env  # noqa: E402
@@ -322,16 +322,9 @@ def repredict(path: Path, work: Path, args) -> dict:
     return result
 
 
-def _rate(text: str) -> int:
-    try:
-        return parse_rate(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--rate", type=_rate, default="1mbit",
+    p.add_argument("--rate", type=rate_argument, default="1mbit",
                    help="tbf rate on each veth end, tc units (default: 1mbit: the baseline's step >= 3x unshaped)")
     p.add_argument("--trace", type=Path, default=TRACE, help="routing trace of the default model")
     p.add_argument("--models", nargs="+", default=["default", "qwen3_top8"], choices=["default", "qwen3_top8"])

@@ -74,6 +74,15 @@ class LinkBytes:
         return LinkBytes(self.sent - other.sent, self.received - other.received)
 
 
+def rate_argument(text: str) -> int:
+    """:func:`parse_rate` as an argparse ``type=`` (a bad rate is a usage error naming it)."""
+    import argparse
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_rate(text: str) -> int:
     """``"2mbit"`` / ``"500kbit"`` / ``"2000000"`` -> bits per second (tc's decimal units)."""
     m = _RATE.match(str(text))
