@@ -37,6 +37,7 @@ from epserve.model.model import MoEModel
 from placement.transport import Transport
 
 NOT_HERE, HERE_UNSAMPLED = -1, -2   # entries of the sampled-id gather
+MAX_STEP_TRIES = 40                 # a step reruns after a fixed-buffer overflow with twice the room: log2(T) at most
 
 
 def kv_groups(num_layers: int, moe_layer_ids: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -117,7 +118,7 @@ class Runner:
         slot_T = self._slot_T(batch, new_slots)
         if self.recorder is not None:
             self.recorder.begin_step(batch)
-        while True:
+        for _ in range(MAX_STEP_TRIES):
             attempt = _Attempt()
             held = self._start(batch, attempt)
             for layer in self.model.layers:
@@ -131,6 +132,8 @@ class Runner:
             self.retried_steps += 1
             if self.coherence is not None:
                 self.coherence.discard()
+        raise RuntimeError(f"step {plan.step}: fixed buffers still overflowed after {MAX_STEP_TRIES} runs with "
+                           f"doubling capacity (a capacity as large as the step's tokens cannot overflow: a bug)")
 
     def _slot_T(self, batch: StepBatch, new_slots: dict[int, torch.Tensor]) -> torch.Tensor:
         """Cache slot of every step token (-1 where this rank does not hold the sequence's KV)."""
