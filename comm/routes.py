@@ -21,6 +21,7 @@ Legend: N tokens held here, H rows handled here, K top-k, G ranks, Q relay group
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 BIG = torch.iinfo(torch.int64).max // 4
@@ -105,6 +106,7 @@ def token_bitmap_W(token_N: torch.Tensor, valid_N: torch.Tensor, num_step_tokens
 
 
 def bitmap_tokens(words: list[int], num_step_tokens: int) -> list[int]:
-    """Host side of :func:`token_bitmap_W`: the set tokens, ascending."""
-    return [w * 62 + b for w, word in enumerate(words) if word for b in range(62)
-            if word >> b & 1 and w * 62 + b < num_step_tokens]
+    """Host side of :func:`token_bitmap_W`: the set tokens, ascending (numpy over the words' bits)."""
+    bits_WB = (np.asarray(words, dtype=np.int64)[:, None] >> np.arange(62, dtype=np.int64)[None, :]) & 1
+    tokens = np.flatnonzero(bits_WB.reshape(-1))
+    return tokens[tokens < num_step_tokens].tolist()
