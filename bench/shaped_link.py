@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bench.serve_load import PROMPTS, closed_loop, one_request  # noqa: E402  (the same load as serve_load)
 from comm.spawn import free_port  # noqa: E402
 from launch.netns import (LinkShape, NetnsUnavailable, TwoNodes, format_rate, rate_argument,  # noqa: E402
-                          read_link_bytes, unavailable_reason)
+                          read_link_bytes)
 from launch.serve_cmd import default_model_dir  # noqa: E402
 from launch.serve_process import ServeProcess, serve_env  # noqa: E402
 from bench.shaped_link_report import columns_note, model_summary, ratios, write_report  # noqa: E402
@@ -350,22 +350,12 @@ def main(argv=None) -> int:
         print(write_report(args.out, result))
         return 0
     shape = LinkShape(args.rate)
-    reason = unavailable_reason()
-    if reason:
-        print(f"shaped_link: skipped: {reason}")
-        return 0
-    try:
-        net = TwoNodes.create()
+    try:   # no root, no ip/tc, or tbf refused: skip before any model work
+        net = TwoNodes.create_for(shape)
     except NetnsUnavailable as exc:
         print(f"shaped_link: skipped: {exc}")
         return 0
     with net, tempfile.TemporaryDirectory(prefix="shaped-link-") as tmp:
-        try:   # tbf refused: skip before any model work
-            net.shape(shape)
-            net.unshape()
-        except NetnsUnavailable as exc:
-            print(f"shaped_link: skipped: {exc}")
-            return 0
         result = run_all(net, shape, Path(tmp), args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = write_report(args.out, result)

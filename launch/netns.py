@@ -153,6 +153,19 @@ class TwoNodes:
         self._made: list[str] = []   # namespaces this object made (and removes)
 
     @classmethod
+    def create_for(cls, shape: "LinkShape") -> "TwoNodes":
+        """:meth:`create`, then check that ``shape`` can be applied (tbf) and leave the link unshaped; raise
+        NetnsUnavailable saying why not (nothing is left behind)."""
+        net = cls.create()
+        try:
+            net.shape(shape)
+            net.unshape()
+        except BaseException:
+            net.close()
+            raise
+        return net
+
+    @classmethod
     def create(cls, tag: str | None = None) -> "TwoNodes":
         """Make the pair (names from ``tag``, default the process id); raise NetnsUnavailable saying why not."""
         reason = unavailable_reason()
