@@ -5,7 +5,7 @@ start, wait until it answers, stop, and make sure every process of the group is 
         --> ranks; wait_ready() polls /health (bounded); stop() SIGINT --> bounded wait --> SIGKILL to every
         process of the tree (collected while it lived)
 
-Needs httpx and psutil (the dev extras); nothing the server itself runs imports this module.
+Needs httpx and psutil (main dependencies); nothing the server itself runs imports this module.
 """
 
 from __future__ import annotations
