@@ -40,6 +40,22 @@ class ModelFamily(enum.Enum):
     OLMOE = "olmoe"
 
 
+class RouterScoring(enum.Enum):
+    SOFTMAX = "softmax"   # Mixtral, Qwen, OLMoE, DeepSeek-V2
+    SIGMOID = "sigmoid"   # DeepSeek-V3 (with e_score_correction_bias)
+
+
+class TopkMethod(enum.Enum):
+    GREEDY = "greedy"                            # plain top-k over all experts
+    GROUP_LIMITED_GREEDY = "group_limited_greedy"  # DeepSeek-V2: groups ranked by their best expert
+    NOAUX_TC = "noaux_tc"                        # DeepSeek-V3: groups ranked by their top-2 sum (biased scores)
+
+
+class AttentionKind(enum.Enum):
+    GQA = "gqa"   # rotary attention with grouped KV heads (caches K and V)
+    MLA = "mla"   # DeepSeek's multi-head latent attention (caches the compressed latent + rotary key)
+
+
 class QKNorm(enum.Enum):
     NONE = "none"
     PER_HEAD = "per_head"  # Qwen3-MoE: RMSNorm over d, for every head
@@ -70,6 +86,24 @@ class ModelConfig:
     o_bias: bool = False                      # the output projection carries a bias
     clip_qkv: float | None = None             # OLMoE: clamp q, k, v to [-clip, clip] after the q/k norm
     tie_word_embeddings: bool = False
+    # routers (DeepSeek-V2/V3 extras; the defaults are the plain softmax top-k of the other families)
+    scoring: RouterScoring = RouterScoring.SOFTMAX
+    topk_method: TopkMethod = TopkMethod.GREEDY
+    n_group: int = 1                          # expert groups (routed experts / n_group per group)
+    topk_group: int = 1                       # groups a token may choose its experts from
+    routed_scaling_factor: float = 1.0        # multiplies the top-k weights
+    score_correction_bias: bool = False       # V3: mlp.gate.e_score_correction_bias [E] biases the choice
+    router_in_float32: bool = False           # DeepSeek: router logits from float32 x and weight
+    shared_expert_gated: bool = True          # Qwen2-MoE: sigmoid(shared_expert_gate(x)); DeepSeek: no gate
+    # attention (MLA: DeepSeek-V2/V3)
+    attention: AttentionKind = AttentionKind.GQA
+    q_lora_rank: int | None = None            # MLA: None: q_proj directly; else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int = 0                     # MLA: width of the cached latent
+    qk_nope_head_dim: int = 0                 # MLA: per-head query/key width without rotary
+    qk_rope_head_dim: int = 0                 # MLA: per-head rotary width (one rotary key shared by all heads)
+    v_head_dim: int = 0                       # MLA: per-head value width
+    rope_interleave: bool = False             # MLA: rotary dims laid out in interleaved pairs
+    rope_scaling: dict | None = None          # YaRN parameters (MLA), as in the config file; None: plain rotary
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
 
