@@ -29,6 +29,19 @@ _TINY = {
                                 num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, eos_token_id=3),
     ModelFamily.OLMOE: dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                             eos_token_id=3, pad_token_id=None),  # OLMoE's pad id 1 zeroes an embedding row
+    # DeepSeek: MLA (V3 with a q LoRA, V2 without), group-limited routing, a shared expert, a first dense layer
+    ModelFamily.DEEPSEEK_V2: dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                  num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                  num_hidden_layers=3, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                                  qk_rope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2,
+                                  topk_method="group_limited_greedy", routed_scaling_factor=1.5, num_key_value_heads=4,
+                                  bos_token_id=0, eos_token_id=3),
+    ModelFamily.DEEPSEEK_V3: dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16,
+                                  num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
+                                  num_hidden_layers=3, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                                  qk_rope_head_dim=8, v_head_dim=8, n_group=4, topk_group=2, norm_topk_prob=True,
+                                  routed_scaling_factor=2.5, num_key_value_heads=4, rope_interleave=True,
+                                  bos_token_id=0, eos_token_id=3),
 }
 
 
@@ -52,6 +65,10 @@ def make_tiny_checkpoint(family: ModelFamily | str, out_dir: str | Path, *, seed
     config = hf_config(family, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():   # V3's choice bias is zero at init: make it matter
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     if not fused_experts:
         model.save_pretrained(out_dir)
         return out_dir

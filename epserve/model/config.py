@@ -9,6 +9,9 @@ Four families share one generic decoder (RMSNorm, rotary GQA attention, top-k so
     QWEN2_MOE  qwen2_moe      iff norm_topk_prob    sigmoid-gated shared expert, q/k/v bias, dense layers
     QWEN3_MOE  qwen3_moe      iff norm_topk_prob    per-head q/k RMSNorm, optional q/k/v/o bias, dense layers
     OLMOE      olmoe          iff norm_topk_prob    q/k RMSNorm over the whole projection, optional clip_qkv
+    DEEPSEEK_V2 deepseek_v2   never                 MLA, group-limited softmax router, shared experts, dense layers
+    DEEPSEEK_V3 deepseek_v3   iff norm_topk_prob    MLA, sigmoid router with a choice bias, shared experts, dense
+                                                    layers (config_deepseek.py reads both DeepSeek families)
 
 Keys that change the math and that we do not implement (rope scaling, sliding-window attention actually in
 use, activations other than SiLU, quantised weights) are refused by name; keys the family's reference code
@@ -38,6 +41,8 @@ class ModelFamily(enum.Enum):
     QWEN2_MOE = "qwen2_moe"
     QWEN3_MOE = "qwen3_moe"
     OLMOE = "olmoe"
+    DEEPSEEK_V2 = "deepseek_v2"
+    DEEPSEEK_V3 = "deepseek_v3"   # also Kimi-K2 and other models that reuse its architecture
 
 
 class RouterScoring(enum.Enum):
@@ -104,6 +109,7 @@ class ModelConfig:
     v_head_dim: int = 0                       # MLA: per-head value width
     rope_interleave: bool = False             # MLA: rotary dims laid out in interleaved pairs
     rope_scaling: dict | None = None          # YaRN parameters (MLA), as in the config file; None: plain rotary
+    ignored_extra_layers: int = 0             # V3: multi-token-prediction layers after the last one (not run)
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
 
@@ -146,11 +152,56 @@ class ModelConfig:
                                           not isinstance(self.clip_qkv, (int, float)) or
                                           not math.isfinite(self.clip_qkv) or self.clip_qkv <= 0):
             raise CheckpointError(f"clip_qkv must be null or a number > 0, got {self.clip_qkv!r}")
+        self._check_router_and_mla()
         for tok in (self.bos_token_id, *self.eos_token_ids):
             if tok is not None and (isinstance(tok, bool) or not isinstance(tok, int) or tok < 0):
                 raise CheckpointError(f"bos/eos token ids must be integers >= 0, got {tok!r}")
 
+    def _check_router_and_mla(self) -> None:
+        for name, kind in (("scoring", RouterScoring), ("topk_method", TopkMethod), ("attention", AttentionKind)):
+            if not isinstance(getattr(self, name), kind):
+                raise CheckpointError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        _check_int("n_group", self.n_group, minimum=1)
+        _check_int("topk_group", self.topk_group, minimum=1)
+        if self.num_experts % self.n_group:
+            raise CheckpointError(f"n_routed_experts={self.num_experts} is not divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise CheckpointError(f"topk_group={self.topk_group} is larger than n_group={self.n_group}")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise CheckpointError(f"num_experts_per_tok={self.top_k} is larger than the experts of topk_group="
+                                  f"{self.topk_group} groups")
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and math.isfinite(self.routed_scaling_factor)
+                and self.routed_scaling_factor > 0) or isinstance(self.routed_scaling_factor, bool):
+            raise CheckpointError(f"routed_scaling_factor must be a number > 0, got {self.routed_scaling_factor!r}")
+        if self.attention is AttentionKind.MLA:
+            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                _check_int(name, getattr(self, name), minimum=1)
+            _check_int("qk_nope_head_dim", self.qk_nope_head_dim, minimum=0)
+            if self.q_lora_rank is not None:
+                _check_int("q_lora_rank", self.q_lora_rank, minimum=1)
+            if self.qk_rope_head_dim % 2:
+                raise CheckpointError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for rotary embeddings")
+
     # ---- derived -----------------------------------------------------------------------------------------
+    @property
+    def is_deepseek(self) -> bool:
+        return self.family in (ModelFamily.DEEPSEEK_V2, ModelFamily.DEEPSEEK_V3)
+
+    @property
+    def kv_row(self) -> tuple[int, int, int]:
+        """(heads, key width, value width) of one token's cached row per attention layer. MLA caches one latent
+        row [kv_lora_rank + qk_rope_head_dim] whose first kv_lora_rank columns are also its values (width 0:
+        no separate value tensor)."""
+        if self.attention is AttentionKind.MLA:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.num_kv_heads, self.head_dim, self.head_dim
+
+    @property
+    def kv_values_per_token_layer(self) -> int:
+        """Values cached per token and attention layer (K and V together): what coherent EP copies."""
+        heads, k, v = self.kv_row
+        return heads * (k + v)
+
     @property
     def num_moe_layers(self) -> int:
         return len(self.moe_layer_ids)
@@ -185,7 +236,7 @@ class ModelConfig:
     def weights_in_model_dtype(self) -> bool:
         """Qwen/OLMoE cast the router weights to the model dtype before scaling an expert's output; Mixtral
         scales in float32 and casts the product (transformers' code; identical in float32)."""
-        return self.family is not ModelFamily.MIXTRAL
+        return self.family not in (ModelFamily.MIXTRAL, ModelFamily.DEEPSEEK_V2, ModelFamily.DEEPSEEK_V3)
 
     # ---- Hugging Face config.json ------------------------------------------------------------------------
     @classmethod
@@ -218,6 +269,8 @@ class ModelConfig:
             supported = ", ".join(f.value for f in ModelFamily)
             raise CheckpointError(f"model_type {d['model_type']!r} is not supported (supported: {supported})") \
                 from None
+        if family in (ModelFamily.DEEPSEEK_V2, ModelFamily.DEEPSEEK_V3):
+            return cls._from_hf_deepseek(d, family)
         spec = _FAMILIES[family]
         cfg = _Reader(d, spec.defaults)
         _refuse_unsupported(d, family, cfg)
@@ -261,6 +314,31 @@ class ModelConfig:
                 tie_word_embeddings=cfg.bool("tie_word_embeddings"),
                 bos_token_id=cfg.token("bos_token_id"), eos_token_id=cfg.token("eos_token_id", many=True),
             )
+        except CheckpointError as exc:
+            raise CheckpointError(f"inconsistent config: {exc}") from None
+
+
+    @classmethod
+    def _from_hf_deepseek(cls, d: dict, family: ModelFamily) -> "ModelConfig":
+        from epserve.model.config_deepseek import DEFAULTS, deepseek_fields, extra_layers
+
+        cfg = _Reader(d, DEFAULTS[family.value])
+        if d.get("quantization_config"):
+            raise CheckpointError("quantization_config is set: quantised checkpoints (e.g. DeepSeek-V3's FP8 "
+                                  "release) are not supported; use a bf16 conversion")
+        if cfg.raw("hidden_act") != "silu":
+            raise CheckpointError(f"hidden_act={cfg.raw('hidden_act')!r} is not supported (only 'silu')")
+        rope = d.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        fields = deepseek_fields(d, cfg, model_type=family.value)
+        try:
+            return cls(family=family, vocab_size=cfg.int("vocab_size"), hidden_size=cfg.int("hidden_size"),
+                       num_layers=cfg.int("num_hidden_layers"), rope_theta=float(theta),
+                       rms_norm_eps=cfg.float("rms_norm_eps"),
+                       max_position_embeddings=cfg.int("max_position_embeddings"),
+                       tie_word_embeddings=cfg.bool("tie_word_embeddings"),
+                       bos_token_id=cfg.token("bos_token_id"), eos_token_id=cfg.token("eos_token_id", many=True),
+                       ignored_extra_layers=extra_layers(d, family.value), **fields)
         except CheckpointError as exc:
             raise CheckpointError(f"inconsistent config: {exc}") from None
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from epserve.model.config import CheckpointError, ModelConfig, ModelFamily, QKNorm
+from epserve.model.config import AttentionKind, CheckpointError, ModelConfig, ModelFamily, QKNorm
 from epserve.model.model import MoEModel
 from placement.errors import PlacementError
 
@@ -190,7 +190,7 @@ def _expert_tensor(config: ModelConfig, prefix: str, e: int, proj: str) -> str:
 
 def _expected_tensors(config: ModelConfig, headers: Mapping[str, _Header]) -> dict[str, tuple[int, ...]]:
     """Every tensor the checkpoint must hold (all experts of every layer), with its shape."""
-    D, V, H, Hkv, d = config.hidden_size, config.vocab_size, config.num_heads, config.num_kv_heads, config.head_dim
+    D, V = config.hidden_size, config.vocab_size
     E, I = config.num_experts, config.moe_intermediate_size
     out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not config.tie_word_embeddings:
@@ -198,22 +198,17 @@ def _expected_tensors(config: ModelConfig, headers: Mapping[str, _Header]) -> di
     for i in range(config.num_layers):
         p = f"model.layers.{i}"
         out[f"{p}.input_layernorm.weight"] = out[f"{p}.post_attention_layernorm.weight"] = (D,)
-        for proj, rows in (("q_proj", H * d), ("k_proj", Hkv * d), ("v_proj", Hkv * d)):
-            out[f"{p}.self_attn.{proj}.weight"] = (rows, D)
-            if config.qkv_bias:
-                out[f"{p}.self_attn.{proj}.bias"] = (rows,)
-        out[f"{p}.self_attn.o_proj.weight"] = (D, H * d)
-        if config.o_bias:
-            out[f"{p}.self_attn.o_proj.bias"] = (D,)
-        if config.qk_norm is QKNorm.PER_HEAD:
-            out[f"{p}.self_attn.q_norm.weight"] = out[f"{p}.self_attn.k_norm.weight"] = (d,)
-        elif config.qk_norm is QKNorm.FULL:
-            out[f"{p}.self_attn.q_norm.weight"], out[f"{p}.self_attn.k_norm.weight"] = (H * d,), (Hkv * d,)
+        if config.attention is AttentionKind.MLA:
+            _mla(out, f"{p}.self_attn", config)
+        else:
+            _gqa(out, f"{p}.self_attn", config)
         if config.moe_index(i) is None:
             _swiglu(out, f"{p}.mlp", D, config.dense_intermediate_size)
             continue
         m = _layer_prefix(config, headers, i)
         out[f"{m}.gate.weight"] = (E, D)
+        if config.score_correction_bias:
+            out[f"{m}.gate.e_score_correction_bias"] = (E,)
         if _is_fused(headers, m):
             out[f"{m}.experts.gate_up_proj"], out[f"{m}.experts.down_proj"] = (E, 2 * I, D), (E, D, I)
         else:
@@ -221,9 +216,48 @@ def _expected_tensors(config: ModelConfig, headers: Mapping[str, _Header]) -> di
                 for proj, shape in (("gate_proj", (I, D)), ("up_proj", (I, D)), ("down_proj", (D, I))):
                     out[_expert_tensor(config, m, e, proj)] = shape
         if config.shared_expert_intermediate_size:
-            _swiglu(out, f"{m}.shared_expert", D, config.shared_expert_intermediate_size)
-            out[f"{m}.shared_expert_gate.weight"] = (1, D)
+            _swiglu(out, f"{m}.{_shared_name(config)}", D, config.shared_expert_intermediate_size)
+            if config.shared_expert_gated:
+                out[f"{m}.shared_expert_gate.weight"] = (1, D)
     return out
+
+
+def _shared_name(config: ModelConfig) -> str:
+    """The shared expert's checkpoint module: Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``."""
+    return "shared_experts" if config.is_deepseek else "shared_expert"
+
+
+def _gqa(out: dict, p: str, config: ModelConfig) -> None:
+    """Rotary GQA tensors of one layer (``p``: model.layers.N.self_attn)."""
+    D, H, Hkv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    for proj, rows in (("q_proj", H * d), ("k_proj", Hkv * d), ("v_proj", Hkv * d)):
+        out[f"{p}.{proj}.weight"] = (rows, D)
+        if config.qkv_bias:
+            out[f"{p}.{proj}.bias"] = (rows,)
+    out[f"{p}.o_proj.weight"] = (D, H * d)
+    if config.o_bias:
+        out[f"{p}.o_proj.bias"] = (D,)
+    if config.qk_norm is QKNorm.PER_HEAD:
+        out[f"{p}.q_norm.weight"] = out[f"{p}.k_norm.weight"] = (d,)
+    elif config.qk_norm is QKNorm.FULL:
+        out[f"{p}.q_norm.weight"], out[f"{p}.k_norm.weight"] = (H * d,), (Hkv * d,)
+
+
+def _mla(out: dict, p: str, config: ModelConfig) -> None:
+    """DeepSeek's MLA tensors (attention_bias puts a bias on q_a_proj, kv_a_proj_with_mqa and o_proj)."""
+    D, H, C, Q = config.hidden_size, config.num_heads, config.kv_lora_rank, config.q_lora_rank
+    qk, r, v = config.qk_nope_head_dim + config.qk_rope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    if Q is None:
+        out[f"{p}.q_proj.weight"] = (H * qk, D)
+    else:
+        out[f"{p}.q_a_proj.weight"], out[f"{p}.q_a_layernorm.weight"], out[f"{p}.q_b_proj.weight"] = \
+            (Q, D), (Q,), (H * qk, Q)
+    out[f"{p}.kv_a_proj_with_mqa.weight"], out[f"{p}.kv_a_layernorm.weight"] = (C + r, D), (C,)
+    out[f"{p}.kv_b_proj.weight"], out[f"{p}.o_proj.weight"] = (H * (config.qk_nope_head_dim + v), C), (D, H * v)
+    if config.o_bias:
+        for name, rows in ((("q_a_proj", Q),) if Q is not None else ()) + (("kv_a_proj_with_mqa", C + r),
+                                                                           ("o_proj", D)):
+            out[f"{p}.{name}.bias"] = (rows,)
 
 
 def hub_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -250,8 +284,9 @@ def _check_checkpoint(config: ModelConfig, expected: Mapping[str, tuple[int, ...
             raise CheckpointError(f"{h.file}: tensor '{name}' has dtype {h.dtype}; only "
                                   f"{'/'.join(_FLOAT_DTYPES)} weights are supported")
     allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    ignored_layers = tuple(f"model.layers.{config.num_layers + j}." for j in range(config.ignored_extra_layers))
     extra = sorted(n for n in headers if n not in expected and n not in allowed
-                   and not n.endswith(_IGNORED_SUFFIXES))
+                   and not n.endswith(_IGNORED_SUFFIXES) and not n.startswith(ignored_layers))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"{headers[extra[0]].file}: unexpected tensor '{extra[0]}'{more}: the "
@@ -280,8 +315,10 @@ def _weight_sources(config: ModelConfig, model: MoEModel, headers: Mapping[str, 
             out[name] = _Source(f"{p}.mlp.{rest}")
         else:
             m = _layer_prefix(config, headers, i)
-            if rest == "router.weight":
-                out[name] = _Source(f"{m}.gate.weight")
+            if parts[3] == "router":   # weight (and V3's e_score_correction_bias)
+                out[name] = _Source(f"{m}.gate.{'.'.join(parts[4:])}")
+            elif parts[3] == "shared_expert":
+                out[name] = _Source(f"{m}.{_shared_name(config)}.{'.'.join(parts[4:])}")
             elif parts[3] == "experts":
                 e, proj = int(parts[4]), parts[5]
                 key = (config.moe_index(i), e)

@@ -19,19 +19,20 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from epserve.model.config import ModelConfig
+from epserve.model.config import AttentionKind, ModelConfig
 from epserve.model.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding, attend
+from epserve.model.mla import MLARotary, MLAttention, latent_attend
 from epserve.model.moe import MoEBlock
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, rotary: RotaryEmbedding,
+    def __init__(self, config: ModelConfig, layer: int, rotary: RotaryEmbedding | MLARotary,
                  expert_ids: Iterable[int] | None) -> None:
         super().__init__()
         self.layer = layer
         self.moe_index = config.moe_index(layer)
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, rotary)
+        self.attn = MLAttention(config, rotary) if config.attention is AttentionKind.MLA else Attention(config, rotary)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if self.moe_index is None:
             self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
@@ -43,7 +44,12 @@ class DecoderLayer(nn.Module):
                 routing_out: list | None = None) -> torch.Tensor:
         """One-process layer over a set of whole sequences (no KV cache)."""
         q_THd, k_THkvd, v_THkvd = self.attn.project_qkv(self.input_norm(x_TD), positions_T)
-        x_TD = x_TD + self.attn.output(attend(q_THd, k_THkvd, v_THkvd, positions_T, positions_T, seq_T, seq_T))
+        if v_THkvd is None:   # MLA: one cached latent row per token, values are its first columns
+            o_THd = latent_attend(q_THd, k_THkvd, self.attn.value_dim, self.attn.softmax_scale, positions_T,
+                                  positions_T, seq_T, seq_T)
+        else:
+            o_THd = attend(q_THd, k_THkvd, v_THkvd, positions_T, positions_T, seq_T, seq_T)
+        x_TD = x_TD + self.attn.output(o_THd)
         h_TD = self.post_attn_norm(x_TD)
         mlp_TD = self.mlp(h_TD) if self.moe_index is None else self.mlp(h_TD, routing_out)
         return x_TD + mlp_TD
@@ -58,7 +64,8 @@ class MoEModel(nn.Module):
         # on the meta device imports torch._dynamo (2.5-5 s per spawned rank).
         V, D = config.vocab_size, config.hidden_size
         self.embed_tokens = nn.Embedding(V, D, _weight=torch.empty(V, D))
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = MLARotary(config) if config.attention is AttentionKind.MLA else \
+            RotaryEmbedding(config.head_dim, config.rope_theta)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, self.rotary,
                          None if experts is None or config.moe_index(i) is None else experts.get(config.moe_index(i)))
