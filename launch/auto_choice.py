@@ -49,11 +49,12 @@ def resolve_auto(args, config: ModelConfig, placement: Placement, predictor_path
         predictor = SpeculativePredictor.load(predictor_path)
         if not trace.has_token_ids:
             strategies = [s for s in strategies if not s.needs_predictor]
-    dtype_bytes = 4   # the runtime serves in float32 today
+    dtype_bytes = _served_dtype_bytes(args)
+    heads, k_dim, v_dim = config.kv_row
+    kv = dict(kv_latent_dim=k_dim) if v_dim == 0 else dict(num_kv_heads=heads, head_dim=k_dim)   # MLA: latent row
     shape = ModelShape.from_fields(hidden_size=config.hidden_size, num_layers=config.num_layers,
                                    moe_layers=config.num_moe_layers, top_k=config.top_k, dtype_bytes=dtype_bytes,
-                                   num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                   num_experts=config.num_experts)
+                                   num_experts=config.num_experts, **kv)
     options = SimOptions(hidden_size=config.hidden_size, dtype_bytes=dtype_bytes, attention_layers=config.num_layers)
     candidates = {(s, t): simulate(trace, placement, s, transport=t, options=options,
                                    predictor=predictor if s.needs_predictor else None)
@@ -92,3 +93,13 @@ def check_transport_options(args) -> None:
     if args.tokens_per_step is not None and args.tokens_per_step < 1:
         raise InputError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
 
+
+
+def _served_dtype_bytes(args) -> int:
+    """Bytes per element of the dtype the workers will serve in (--dtype, auto: the checkpoint's)."""
+    import torch
+
+    from epserve.model.loader import resolve_dtype
+    from launch.serve_cmd import default_model_dir
+    model_dir = Path(args.model) if getattr(args, "model", None) else default_model_dir()
+    return torch.empty((), dtype=resolve_dtype(getattr(args, "dtype", "auto"), model_dir)).element_size()

@@ -29,6 +29,7 @@ from comm.strategy import Strategy
 from placement.transport import Transport
 from comm.topology import EPTopology, init_ep_topology
 from epserve.engine.builder import build_runner
+from epserve.model.loader import resolve_dtype
 from placement.placement import Placement
 
 from launch.serve_cmd import API_KEY_ENV, add_model_arguments, engine_config
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = build_runner(args.model, topology, strategy=Strategy.parse(args.strategy), placement=placement,
                           predictor_path=args.predictor, kv_cache_tokens=args.kv_cache_tokens,
                           record_tokens=args.record_tokens if args.record_trace else 0,
-                          transport=Transport.parse(args.transport), capacity=args.capacity)
+                          transport=Transport.parse(args.transport), capacity=args.capacity,
+                          dtype=resolve_dtype(args.dtype, args.model))
     watchdog = Watchdog(EXIT_DEADLINE_S)
     if topology.rank == 0:
         code = serve_rank0(args, runner, watchdog)

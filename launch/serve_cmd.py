@@ -60,6 +60,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="how rows move: a2a (counts exchange + uneven all-to-all), fixed (fixed per-peer buffers, "
                         "no host sync), node_aware (each token crosses to another node once); auto: the cost "
                         "model's choice")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights, activations and KV cache dtype (auto: the checkpoint's); routers' softmax / "
+                        "sigmoid and top-k weights stay float32")
     p.add_argument("--capacity", type=int, help="fixed transport: rows per peer (default: sized from each step)")
     p.add_argument("--placement", help="placement JSON (from epserve place; default: contiguous)")
     p.add_argument("--predictor", help="predictor .npz (default: the one the placement names)")
@@ -118,6 +121,8 @@ def preflight(args) -> Preflight:
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     from epserve.model.loader import check_checkpoint
     config = check_checkpoint(model_dir)
+    from epserve.model.loader import resolve_dtype
+    resolve_dtype(args.dtype, model_dir)   # refuses a cast by name, before torchrun
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir}: no tokenizer.json (the server needs the model's tokenizer)")
     world = args.nnodes * args.nproc_per_node
@@ -257,7 +262,7 @@ def _optional_predictor(args, placement: Placement, placement_path: Path | None)
 def worker_argv(args, pre: Preflight) -> list[str]:
     """``launch.serve``'s arguments: the resolved paths and every model option as given."""
     out = ["--model", str(pre.model_dir), "--strategy", pre.strategy.value, "--transport", pre.transport.value,
-           "--host", args.host, "--port", str(args.port),
+           "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
            "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
            "--collective-timeout", str(args.collective_timeout)]
     optional = {"--placement": pre.placement_path, "--predictor": pre.predictor_path,

@@ -21,7 +21,7 @@ from epserve.engine.kv_cache import KVCacheConfig, KVStore
 from epserve.engine.recorder import RoutingRecorder
 from epserve.engine.runner import Runner
 from epserve.model.config import ModelConfig
-from epserve.model.loader import load_model
+from epserve.model.loader import checkpoint_dtype, load_model
 from placement.errors import InputError, PlacementError
 from placement.placement import Placement, contiguous_placement
 from placement.transport import Transport
@@ -51,14 +51,16 @@ def load_predictor(path: str | Path | None, strategy: Strategy, placement: Place
 
 def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strategy,
                  placement: Placement | None = None, predictor_path: str | Path | None = None,
-                 kv_cache_tokens: int = 8192, kv_block_size: int = 16, dtype: torch.dtype = torch.float32,
+                 kv_cache_tokens: int = 8192, kv_block_size: int = 16, dtype: torch.dtype | None = None,
                  record_tokens: int = 0, check_splits: bool = False, forced_routing_trace=None,
                  transport: Transport = Transport.A2A, capacity: int | None = None) -> Runner:
     """This rank's Runner. Reads only this rank's experts; ``kv_cache_tokens`` is the KV capacity of each
     rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens; ``forced_routing_trace``
     (a RoutingTrace; benchmarks only) replaces the router's choices by the trace's. ``transport`` moves the
-    rows (``capacity``: rows per peer of the fixed transport; default: sized from each step)."""
+    rows (``capacity``: rows per peer of the fixed transport; default: sized from each step). ``dtype``: None
+    serves in the checkpoint's dtype."""
     config = ModelConfig.from_dir(model_dir)
+    dtype = checkpoint_dtype(model_dir) if dtype is None else dtype
     placement = check_placement(placement, config, topology)
     mine_LX = placement.experts_on(topology.rank)
     model, report = load_model(model_dir, experts={m: mine_LX[m].tolist() for m in range(config.num_moe_layers)},

@@ -93,7 +93,7 @@ def test_missing_or_broken_config_json(mixtral, tmp_path):
 
 @pytest.mark.parametrize("changes, pattern", [
     (dict(model_type="llama"), r"model_type 'llama' is not supported \(supported: mixtral, qwen2_moe, qwen3_moe, "
-                               r"olmoe\)"),
+                               r"olmoe, deepseek_v2, deepseek_v3\)"),
     (dict(model_type=...), r"missing config field 'model_type'"),
     (dict(hidden_size=...), r"missing config field 'hidden_size'"),
     (dict(num_local_experts=...), r"missing config field 'num_experts' \(or 'num_local_experts'\)"),
@@ -146,3 +146,30 @@ def test_config_that_implies_other_shapes_names_the_tensor(tiny_checkpoint, tmp_
     refused(ckpt, re.escape("tensor 'model.layers.0.mlp.experts.gate_up_proj' has shape [8, 48, 32], the config "
                             "implies [8, 40, 32]"))
     assert json.loads((ckpt / "config.json").read_text())["moe_intermediate_size"] == 20
+
+
+# ---- DeepSeek-V2/V3: inconsistent group settings, and the dtype we refuse to cast to ------------------------
+@pytest.mark.parametrize("changes, pattern", [
+    (dict(n_group=3), r"n_routed_experts=16 is not divisible by n_group=3"),
+    (dict(topk_group=5), r"topk_group=5 is larger than n_group=4"),
+    (dict(num_experts_per_tok=9), r"num_experts_per_tok=9 is larger than the 8 experts of topk_group=2 groups"),
+    (dict(topk_method="bogus"), r"config field 'topk_method' must be one of"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+     r"rope_parameters.rope_type='linear' is not supported for DeepSeek"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}),
+     r"rope_parameters.original_max_position_embeddings is missing"),
+    (dict(kv_lora_rank=0), r"config field 'kv_lora_rank' must be an integer >= 1"),
+])
+def test_bad_deepseek_config_is_named(tiny_checkpoint, tmp_path, changes, pattern):
+    ckpt = shutil.copytree(tiny_checkpoint(ModelFamily.DEEPSEEK_V3), tmp_path / "v3")
+    edit_config(ckpt, **changes)
+    refused(ckpt, pattern)
+
+
+def test_float16_is_refused_for_a_bfloat16_checkpoint(mixtral):
+    from epserve.model.loader import resolve_dtype
+    edit_config(mixtral, dtype="bfloat16")
+    with pytest.raises(CheckpointError, match=r"--dtype float16 cannot hold this bfloat16 checkpoint's range"):
+        resolve_dtype("float16", mixtral)
+    assert resolve_dtype("auto", mixtral) is torch.bfloat16
+    assert resolve_dtype("float32", mixtral) is torch.float32
