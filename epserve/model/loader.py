@@ -96,6 +96,42 @@ def load_model(model_dir: str | Path, *, experts: Mapping[int, Iterable[int]] | 
     return model, report
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_HEADER_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float32}
+
+
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype the checkpoint is served in by default: config.json's ``dtype`` (``torch_dtype`` in older
+    files), else the dtype most of its weight bytes are stored in (float64 files are served in float32)."""
+    model_dir = Path(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    name = raw.get("dtype", raw.get("torch_dtype"))
+    if isinstance(name, str) and name in DTYPES:
+        return DTYPES[name]
+    weight = Counter()
+    for h in _read_headers(model_dir).values():
+        n = 1
+        for size in h.shape:
+            n *= size
+        weight[h.dtype] += n * _FLOAT_DTYPES.get(h.dtype, 0)
+    stored = weight.most_common(1)[0][0] if weight else "F32"
+    return _HEADER_DTYPES.get(stored, torch.float32)
+
+
+def resolve_dtype(name: str, model_dir: str | Path) -> torch.dtype:
+    """``--dtype``: auto (the checkpoint's) or a name in DTYPES. Raises CheckpointError for a cast we refuse:
+    bfloat16 weights to float16 (bfloat16's range is float32's; float16 overflows above 65504)."""
+    stored = checkpoint_dtype(model_dir)
+    if name == "auto":
+        return stored
+    if name not in DTYPES:
+        raise CheckpointError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    if stored is torch.bfloat16 and DTYPES[name] is torch.float16:
+        raise CheckpointError(f"{model_dir}: --dtype float16 cannot hold this bfloat16 checkpoint's range "
+                              f"(float16 overflows above 65504); use --dtype bfloat16 or float32")
+    return DTYPES[name]
+
+
 def check_checkpoint(model_dir: str | Path) -> ModelConfig:
     """Validate ``model_dir`` as :func:`load_model` would (config.json, every tensor's name, shape and dtype
     from the safetensors headers) without reading any tensor data. Raises CheckpointError naming the problem."""
