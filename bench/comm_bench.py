@@ -151,7 +151,7 @@ def layer_rank(topology, spec: Spec) -> dict:
     with torch.no_grad():
         ds.deepspeed_moe.gate.wg.weight.copy_(block.router.weight)
         for i, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):   # DeepSpeed: contiguous
-            expert.load_state_dict(block.experts[str(me * (cfg.num_experts // G) + i)].state_dict())
+            expert.load_state_dict(block.experts.expert_weights(me * (cfg.num_experts // G) + i))
     T = 64
     h_TD = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     mine_N = torch.arange(me, T, G)

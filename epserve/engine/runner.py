@@ -204,6 +204,8 @@ class Runner:
         work, handle = self.dispatcher.dispatch(held.x_ND, held.token_N, topk_ids_NK, topk_w_NK, is_prefill_N,
                                                 layer=m, step_has_prefill=batch.has_prefill,
                                                 num_step_tokens=batch.num_tokens, held_bound=attempt.held_bound)
+        if self.dispatcher.check_splits:   # debug (tests): a host sync naming any expert not loaded here
+            mlp.check_loaded(work.topk_ids_MK, work.use_MK)
         partial_MD = mlp.local_weighted_sum(layer.post_attn_norm(work.x_MD), work.topk_ids_MK,
                                             work.topk_weights_MK, work.use_MK)
         anchored = self.dispatcher.combine(partial_MD, handle)

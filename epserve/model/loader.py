@@ -64,6 +64,16 @@ class _Source:
     index: int | None = None
     rows: slice | None = None
     expert: tuple[int, int] | None = None  # (moe_index, expert id) for routed-expert weights
+    float32: bool = False                  # kept in float32 whatever the model dtype (DeepSeek's router)
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """A stacked expert weight [L, rows, cols]: entry j is ``parts[j]`` concatenated along the rows (gate then
+    up for ``gate_up_proj``; the fused layout's whole expert slice; ``down_proj``)."""
+
+    parts: tuple[tuple[_Source, ...], ...]
+    shape: tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ def load_model(model_dir: str | Path, *, experts: Mapping[int, Iterable[int]] | 
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.to(device)
+    for block in model.moe_blocks():
+        block.experts.to(device)   # the global -> local expert table (built on the CPU, not loaded)
     model.requires_grad_(False).eval()
     return model, report
 
@@ -330,9 +342,9 @@ def _check_checkpoint(config: ModelConfig, expected: Mapping[str, tuple[int, ...
 
 
 # ---- from model weights to checkpoint tensors --------------------------------------------------------------
-def _weight_sources(config: ModelConfig, model: MoEModel, headers: Mapping[str, _Header]) -> dict[str, _Source]:
-    I = config.moe_intermediate_size
-    out: dict[str, _Source] = {}
+def _weight_sources(config: ModelConfig, model: MoEModel, headers: Mapping[str, _Header]
+                    ) -> dict[str, _Source | _Stack]:
+    out: dict[str, _Source | _Stack] = {}
     for name in model.state_dict():
         parts = name.split(".")
         if parts[0] != "layers":
@@ -351,64 +363,109 @@ def _weight_sources(config: ModelConfig, model: MoEModel, headers: Mapping[str, 
             out[name] = _Source(f"{p}.mlp.{rest}")
         else:
             m = _layer_prefix(config, headers, i)
-            if parts[3] == "router":   # weight (and V3's e_score_correction_bias)
-                out[name] = _Source(f"{m}.gate.{'.'.join(parts[4:])}")
+            if parts[3] == "router":   # weight (and V3's e_score_correction_bias: float32 in every checkpoint)
+                out[name] = _Source(f"{m}.gate.{'.'.join(parts[4:])}",
+                                    float32=config.router_in_float32 or parts[4] == "e_score_correction_bias")
             elif parts[3] == "shared_expert":
                 out[name] = _Source(f"{m}.{_shared_name(config)}.{'.'.join(parts[4:])}")
             elif parts[3] == "experts":
-                e, proj = int(parts[4]), parts[5]
-                key = (config.moe_index(i), e)
-                if not _is_fused(headers, m):
-                    out[name] = _Source(_expert_tensor(config, m, e, proj), expert=key)
-                elif proj == "down_proj":
-                    out[name] = _Source(f"{m}.experts.down_proj", index=e, expert=key)
-                else:
-                    rows = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
-                    out[name] = _Source(f"{m}.experts.gate_up_proj", index=e, rows=rows, expert=key)
+                block = model.layers[i].mlp
+                out[name] = _expert_stack(config, headers, m, block.moe_index, block.expert_ids, parts[4])
             else:
                 out[name] = _Source(f"{m}.{rest}")
     return out
 
 
-def _read(sources: Mapping[str, _Source], expected: Mapping[str, tuple[int, ...]],
+def _expert_stack(config: ModelConfig, headers: Mapping[str, _Header], m: str, moe_index: int,
+                  expert_ids: tuple[int, ...], proj: str) -> _Stack:
+    """The checkpoint slices of the stacked ``gate_up_proj`` or ``down_proj`` of the experts held here."""
+    fused = _is_fused(headers, m)
+    parts = []
+    for e in expert_ids:
+        key = (moe_index, e)
+        if fused:
+            parts.append((_Source(f"{m}.experts.{proj}", index=e, expert=key),))
+        elif proj == "down_proj":
+            parts.append((_Source(_expert_tensor(config, m, e, "down_proj"), expert=key),))
+        else:
+            parts.append(tuple(_Source(_expert_tensor(config, m, e, half), expert=key)
+                               for half in ("gate_proj", "up_proj")))
+    D, I = config.hidden_size, config.moe_intermediate_size
+    return _Stack(tuple(parts), (len(expert_ids), 2 * I, D) if proj == "gate_up_proj" else (len(expert_ids), D, I))
+
+
+def _leaves(src: _Source | _Stack) -> tuple[_Source, ...]:
+    return tuple(s for part in src.parts for s in part) if isinstance(src, _Stack) else (src,)
+
+
+def _read(sources: Mapping[str, _Source | _Stack], expected: Mapping[str, tuple[int, ...]],
           headers: Mapping[str, _Header], *, dtype: torch.dtype, device) -> tuple[dict, LoadReport]:
-    """Read each needed tensor (or fused expert slice) once; count the bytes as stored."""
-    missing = [s.tensor for s in sources.values() if s.tensor not in expected]
+    """Read each needed tensor (or fused expert slice) once; count the bytes as stored. Stacked expert weights
+    are filled expert by expert into one tensor allocated at its final dtype and device."""
+    leaves = [s for src in sources.values() for s in _leaves(src)]
+    missing = [s.tensor for s in leaves if s.tensor not in expected]
     if missing:  # a bug in the plan, not in the checkpoint
         raise AssertionError(f"weight source {missing[0]} was not checked")
     state, cache = {}, {}
-    uses = Counter((s.tensor, s.index) for s in sources.values())  # >1: tied embeddings, fused gate/up
-    expert_bytes = other_bytes = reads = expert_reads = 0
+    uses = Counter((s.tensor, s.index) for s in leaves)  # >1: tied embeddings, fused gate/up
+    counts = Counter()
     with contextlib.ExitStack() as stack:
         handles = {}
-        for name, src in sources.items():
+
+        def fetch(src: _Source) -> torch.Tensor:
             key = (src.tensor, src.index)
             if key not in cache:
-                h = headers[src.tensor]
-                if h.file not in handles:
-                    try:
-                        handles[h.file] = stack.enter_context(safe_open(h.file, framework="pt"))
-                    except SafetensorError as exc:
-                        raise CheckpointError(f"{h.file}: not a readable safetensors file ({exc})") from None
-                try:
-                    t = (handles[h.file].get_tensor(src.tensor) if src.index is None
-                         else handles[h.file].get_slice(src.tensor)[src.index])
-                except SafetensorError as exc:
-                    raise CheckpointError(f"{h.file}: cannot read tensor '{src.tensor}' ({exc})") from None
-                nbytes = t.numel() * _FLOAT_DTYPES[h.dtype]
-                reads += 1
-                if src.expert is None:
-                    other_bytes += nbytes
-                else:
-                    expert_bytes += nbytes
-                    expert_reads += 1
-                cache[key] = t
+                cache[key] = _read_one(src, headers[src.tensor], handles, stack, counts)
             t = cache[key] if src.rows is None else cache[key][src.rows]
-            state[name] = t.to(device=device, dtype=dtype).contiguous()
             uses[key] -= 1
             if not uses[key]:
                 del cache[key]  # keep at most one host copy of a tensor alive
-    report = LoadReport(expert_bytes=expert_bytes, other_bytes=other_bytes, tensors_read=reads,
-                        expert_tensors_read=expert_reads,
+            return t
+
+        for name, src in sources.items():
+            if isinstance(src, _Stack):
+                state[name] = _stacked(src, fetch, dtype=dtype, device=device)
+            else:
+                state[name] = fetch(src).to(device=device, dtype=torch.float32 if src.float32 else dtype
+                                            ).contiguous()
+    report = LoadReport(expert_bytes=counts["expert_bytes"], other_bytes=counts["other_bytes"],
+                        tensors_read=counts["reads"], expert_tensors_read=counts["expert_reads"],
                         files=tuple(sorted({str(h.file) for h in headers.values()})))
     return state, report
+
+
+def _read_one(src: _Source, h: _Header, handles: dict, stack: contextlib.ExitStack, counts: Counter
+              ) -> torch.Tensor:
+    """One tensor (or one expert's slice of a fused tensor) from disk, its bytes counted as stored."""
+    if h.file not in handles:
+        try:
+            handles[h.file] = stack.enter_context(safe_open(h.file, framework="pt"))
+        except SafetensorError as exc:
+            raise CheckpointError(f"{h.file}: not a readable safetensors file ({exc})") from None
+    try:
+        t = (handles[h.file].get_tensor(src.tensor) if src.index is None
+             else handles[h.file].get_slice(src.tensor)[src.index])
+    except SafetensorError as exc:
+        raise CheckpointError(f"{h.file}: cannot read tensor '{src.tensor}' ({exc})") from None
+    nbytes = t.numel() * _FLOAT_DTYPES[h.dtype]
+    counts["reads"] += 1
+    if src.expert is None:
+        counts["other_bytes"] += nbytes
+    else:
+        counts["expert_bytes"] += nbytes
+        counts["expert_reads"] += 1
+    return t
+
+
+def _stacked(src: _Stack, fetch, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """[L, rows, cols]: each expert's parts read, concatenated along the rows and copied into place."""
+    out = torch.empty(src.shape, dtype=dtype, device=device)
+    for j, part in enumerate(src.parts):
+        start = 0
+        for s in part:
+            t = fetch(s)
+            out[j, start:start + t.shape[0]].copy_(t)
+            start += t.shape[0]
+        if start != src.shape[1]:
+            raise AssertionError(f"expert {part[0].expert}: {start} rows stacked, {src.shape[1]} expected")
+    return out

@@ -47,7 +47,8 @@ def test_subset_reads_exactly_the_selected_experts(tiny_checkpoint):
     assert report.expert_tensors_read == 15
     assert report.tensors_read == 15 + len(header) - len(expert_names)
     assert model.loaded_experts == {0: (1, 5), 1: (0, 2, 7)}
-    assert sorted(model.layers[1].mlp.experts) == ["0", "2", "7"]
+    assert model.layers[1].mlp.expert_ids == (0, 2, 7)
+    assert model.layers[1].mlp.experts.gate_up_proj.shape == (3, 2 * 48, 32)   # stacked, gate rows first
 
     # a full load reads every byte of tensor data in the file, once
     _, full = load_model(ckpt)
@@ -72,8 +73,8 @@ def test_unselected_experts_are_never_used(tiny_checkpoint, tmp_path):
     model, _ = load_model(ckpt, experts=pick)
     for mi, block in enumerate(model.moe_blocks()):
         for e in pick[mi]:
-            for p_name, p in block.experts[str(e)].named_parameters():
-                assert torch.equal(p, original.moe_blocks()[mi].experts[str(e)].get_parameter(p_name))
+            for p_name, p in block.experts.expert_weights(e).items():
+                assert torch.equal(p, original.moe_blocks()[mi].experts.expert_weights(e)[p_name])
     assert all(torch.isfinite(p).all() for p in model.parameters())
     poisoned, _ = load_model(ckpt)
     assert not all(torch.isfinite(p).all() for p in poisoned.parameters())
@@ -93,8 +94,10 @@ def test_ranks_partial_outputs_add_up_to_the_one_process_bits(tiny_checkpoint):
         held = [torch.isin(ids_NK, torch.tensor(b.expert_ids)) for b in blocks[1:]]
         parts = [b.weighted_expert_outputs(x_ND, ids_NK, w_NK, use) for b, use in zip(blocks[1:], held)]
         assert torch.equal(sum_in_k_order(parts[0] + parts[1]), blocks[0](x_ND))
-        with pytest.raises(ExpertNotLoadedError, match=r"expert \d is needed but not loaded"):
-            blocks[1].local_weighted_sum(x_ND, ids_NK, w_NK, torch.ones_like(held[0]))
+        blocks[1].check_loaded(ids_NK, held[0])   # debug check: passes where every used expert is held
+        with pytest.raises(ExpertNotLoadedError, match=r"MoE layer \d \(decoder layer \d\): expert \d is needed "
+                                                       r"but not loaded"):
+            blocks[1].check_loaded(ids_NK, torch.ones_like(held[0]))
 
 
 def test_fused_layout_loads_the_same_weights_and_counts_slices(tiny_checkpoint):
@@ -107,8 +110,8 @@ def test_fused_layout_loads_the_same_weights_and_counts_slices(tiny_checkpoint):
     b, report = load_model(fused, experts={0: [6], 1: [1, 2]})
     for mi, ids in {0: [6], 1: [1, 2]}.items():
         for e in ids:
-            for p_name, p in b.moe_blocks()[mi].experts[str(e)].named_parameters():
-                assert torch.equal(p, a.moe_blocks()[mi].experts[str(e)].get_parameter(p_name))
+            for p_name, p in b.moe_blocks()[mi].experts.expert_weights(e).items():
+                assert torch.equal(p, a.moe_blocks()[mi].experts.expert_weights(e)[p_name])
     # 3 experts x (gate_up [48, 32] + down [32, 24]) float32, read as one slice per fused tensor
     assert report.expert_bytes == 3 * (48 * 32 + 32 * 24) * 4
     assert report.expert_tensors_read == 3 * 2
