@@ -6,7 +6,7 @@ other ranks.
         wait for work (at most heartbeat_s; idle: an empty heartbeat plan keeps followers inside the timeout)
         --> plan = scheduler.schedule(step, flags) --> ControlChannel.send(plan)
         --> runner.execute(plan) --> after_step: [stats all-gather] [recorder save] (collectives, every rank)
-        --> scheduler.on_result --> Deltas --call_soon_threadsafe--> each request's Stream
+        --> scheduler.on_result --> Deltas --one call_soon_threadsafe per step--> each request's Stream
     ranks > 0: follow(runner, channel): recv(plan) --> runner.execute(plan) --> after_step; until a shutdown plan
 
 Any exception in the engine thread (a rank died: gloo raises on a broken connection or at its timeout) makes
@@ -125,6 +125,12 @@ def follow(runner: Runner, channel: ControlChannel | None = None) -> int:
         after_step(runner, plan)
         if plan.shutdown:
             return channel.sent
+
+
+def _push_all(batch: list[tuple[Stream, Delta]]) -> None:
+    """On the streams' event loop: each delta to its stream, in order."""
+    for stream, delta in batch:
+        stream.push(delta)
 
 
 def start_engine(runner: Runner, config: EngineConfig, *, placement_document: dict | None = None,
@@ -253,14 +259,22 @@ class Engine:
             self._cond.notify_all()
 
     def _deliver(self, events: list[Event]) -> None:
-        """Hand events to their streams (lock held); a stream's final event drops it."""
+        """Hand events to their streams (lock held); a stream's final event drops it. One thread-safe call per
+        event loop for the whole list: each call wakes the loop and hands it the GIL (measured ~50 us per call
+        at world size 1, i.e. 1.6 ms per decode step of 32 sequences when it was one call per event)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Delta]]] = {}
         for request_id, delta in events:
             stream = self._streams.get(request_id)
             if stream is None:
                 continue
-            stream.push_threadsafe(delta)
+            by_loop.setdefault(stream.loop, []).append((stream, delta))
             if delta.finish_reason is not None:
                 del self._streams[request_id]
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_push_all, batch)
+            except RuntimeError:   # the loop is closed: nobody listens any more
+                pass
 
     # ---- engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -60,7 +60,7 @@ class Stream:
                  on_cancel: Callable[[str], None]) -> None:
         self.request_id = request.request_id
         self.num_prompt_tokens = len(request.prompt_ids)
-        self._loop = loop
+        self.loop = loop          # the event loop that reads it
         self._queue: asyncio.Queue[Delta] = asyncio.Queue()
         self._on_cancel = on_cancel
         self._closed = False      # a final delta was queued (event-loop thread only)
@@ -70,12 +70,13 @@ class Stream:
     def push_threadsafe(self, delta: Delta) -> None:
         """Hand one delta to the stream's loop (a closed loop means nobody listens any more: dropped)."""
         try:
-            self._loop.call_soon_threadsafe(self._push, delta)
+            self.loop.call_soon_threadsafe(self.push, delta)
         except RuntimeError:   # the loop is closed
             pass
 
     # ---- event-loop thread ---------------------------------------------------------------------------------
-    def _push(self, delta: Delta) -> None:
+    def push(self, delta: Delta) -> None:
+        """On the stream's loop (the engine batches a step's deltas into one thread-safe call)."""
         if self._closed:
             return
         self._closed = delta.finish_reason is not None
