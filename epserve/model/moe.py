@@ -47,10 +47,7 @@ class Router(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        E = config.num_experts
-        if E % config.n_group or not 1 <= config.topk_group <= config.n_group:
-            raise ValueError(f"{E} experts in {config.n_group} groups, {config.topk_group} of them chosen: "
-                             f"groups must divide the experts and topk_group be in [1, n_group]")
+        E = config.num_experts   # (ModelConfig checks the groups: they divide E and hold top_k experts)
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
         if config.score_correction_bias:
             self.register_buffer("e_score_correction_bias", torch.empty(E, dtype=torch.float32))
