@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from comm.counters import CollKind
+from comm.partial_sums import fold_partials_, max_partials
 from comm.primitives import Collectives
 from comm.routes import (BIG, bitmap_tokens, destinations_NG, flows_GG, group_pick_NQ, group_targets_NQ,
                          order_by_destination, order_by_rank)
@@ -65,6 +66,7 @@ class CountedTransport:
         self.codec = dispatch_codec(hidden_size, top_k, dtype)
         self.ycodec = combine_codec(hidden_size, dtype)
         self.row_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
+        self.max_partials = max_partials(top_k, G)   # partials one row can receive in a combine stage
         self.relays = group_size > 1 and self.Q > 1
         dev = coll.topology.device
         self.group_G = torch.arange(G, device=dev) // group_size
@@ -223,14 +225,14 @@ class CountedTransport:
 
     def _send_partials(self, y_HD, value_HD, send_H, dest_H, token_H, slot_T, h: CountedHandle, stage: str):
         """Send ``value_HD`` of the rows ``send_H`` to ``dest_H`` and add what arrives into ``y_HD`` (by token;
-        own value first, then by source rank: a fixed order)."""
+        own value first, then by source rank: a fixed order on every device, comm/partial_sums.py)."""
         order = order_by_rank(dest_H, send_H, token_H, h.num_step_tokens)[:sum(h.sizes.send[stage])]
         send = self.ycodec.pack(value_HD.device, token=token_H[order, None], y=value_HD[order])
         recv, _ = self.coll.all_to_all_rows(send, h.sizes.send[stage], h.sizes.recv[stage],
                                             kind=CollKind.ALL_TO_ALL, phase=stage, layer=h.layer,
                                             payload_bytes_per_row=self.row_bytes, intra_node=stage == "combine_intra")
         got = self.ycodec.unpack(recv)
-        y_HD.index_add_(0, slot_T[got["token"][:, 0].long()], got["y"])
+        fold_partials_(y_HD, slot_T[got["token"][:, 0].long()], got["y"], self.max_partials)
 
 
 def _anchor_bitmaps_GW(token_N: torch.Tensor, anchor_N: torch.Tensor, G: int, W: int) -> torch.Tensor:

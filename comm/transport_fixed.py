@@ -5,7 +5,8 @@ no device-to-host sync on the data path (what DeepEP's low-latency kernels and C
               (a running count on device); cells past the capacity are dropped and raise the overflow flag
           --> all_to_all_single of G x capacity rows (equal splits) --> rows with token >= 0 are real
           --> experts (caller) on held rows + every received slot (empty slots use no expert)
-          --> partials to their anchors the same way --> sums by token --> Anchored (+ overflow flag)
+          --> partials to their anchors the same way --> sums by token (own first, then by source rank)
+          --> Anchored (+ overflow flag)
 
 Overflow is lossless: the flag rides out of the step with the sampled ids (one gather per step that exists
 anyway) and the Runner runs the whole step again with a doubled capacity (comm/dispatchers.py
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from comm.counters import CollKind
+from comm.partial_sums import fold_partials_, max_partials
 from comm.primitives import Collectives
 from comm.routes import destinations_NG, order_by_rank
 from comm.transport_base import Anchored, ExpertWork, Route, handled_rows, token_slots_T
@@ -113,7 +115,8 @@ class FixedTransport:
             slot_T = token_slots_T(token_H, valid_H, T)
             tok_R = got["token"][:, 0].long()
             y_HD = torch.cat([y_HD, y_HD[:1] * 0])   # a spare row for empty slots
-            y_HD.index_add_(0, slot_T[torch.where(tok_R >= 0, tok_R, T)], got["y"])
+            # own partial first, then the received ones in source-rank order (comm/partial_sums.py)
+            fold_partials_(y_HD, slot_T[torch.where(tok_R >= 0, tok_R, T)], got["y"], max_partials(self.top_k, G))
             y_HD = y_HD[:-1]
             overflow = overflow | over
         if not h.tokens_move:      # tokens stay where they are held: the first N rows, in token order
