@@ -20,7 +20,8 @@ and multiplies the expert output there; False (Mixtral, DeepSeek): out x w in fl
 
 No host sync and no Python loop over experts: group sizes come from ``searchsorted`` on the sorted keys
 (``bincount`` on CUDA reads its max on the host). A choice whose expert is not held gives 0, silently:
-``check_loaded`` (a host sync; debug only) raises ExpertNotLoadedError for it.
+``MoEBlock.check_loaded`` (a host sync; the Runner runs it only in the dispatcher's ``check_splits`` debug
+mode) raises ExpertNotLoadedError for it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
         --*.safetensors headers (no tensor data)--> name -> (file, shape, dtype)
         --plan: every weight of the model -> its checkpoint tensor (per-expert or fused layout);
           check every name, shape and dtype of the WHOLE checkpoint, and that nothing is left over
-        --read the non-expert tensors and only the selected experts (safe_open, one tensor at a time)-->
+        --read the non-expert tensors and only the selected experts (safe_open, one tensor at a time), the
+          experts of a layer stacked into mlp.experts.gate_up_proj [L, 2I, D] / down_proj [L, D, I]-->
         MoEModel (built on the meta device, weights assigned) + LoadReport (bytes read)
 
 Checkpoint tensor names (the hub's):
