@@ -16,6 +16,7 @@ from epserve.model import ModelFamily, load_model
 from tests.tiny_models import load_hf_model
 
 M, Q2, Q3, OL = ModelFamily.MIXTRAL, ModelFamily.QWEN2_MOE, ModelFamily.QWEN3_MOE, ModelFamily.OLMOE
+DS2, DS3 = ModelFamily.DEEPSEEK_V2, ModelFamily.DEEPSEEK_V3
 CASES = {
     "mixtral-top2": (M, {}),
     "mixtral-top1-fused": (M, dict(num_experts_per_tok=1, fused_experts=True, seed=1)),
@@ -32,6 +33,17 @@ CASES = {
     "olmoe-top2": (OL, {}),
     "olmoe-top1-clip-bias-norm": (OL, dict(num_experts_per_tok=1, clip_qkv=0.5, attention_bias=True,
                                            norm_topk_prob=True, num_key_value_heads=4, seed=5)),
+    # top-8 of 16: sums of 8 partial outputs
+    "qwen3-top8": (Q3, dict(num_experts=16, num_experts_per_tok=8, seed=6)),
+    # MLA without q LoRA, softmax group-limited top-2, shared expert, first layer dense
+    "deepseek-v2": (DS2, {}),
+    "deepseek-v2-greedy-yarn": (DS2, dict(topk_method="greedy", seed=7, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, mscale=0.707,
+        mscale_all_dim=0.707))),
+    # MLA with q LoRA, sigmoid top-4 with the choice bias, noaux_tc groups, routed scaling 2.5
+    "deepseek-v3": (DS3, {}),
+    "deepseek-v3-rotate-half-fused": (DS3, dict(rope_interleave=False, fused_experts=True, norm_topk_prob=False,
+                                                seed=8)),
 }
 
 
