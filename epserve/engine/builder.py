@@ -71,9 +71,9 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
                                  predictor=load_predictor(predictor_path, strategy, placement),
                                  anchors=placement.anchors, check_splits=check_splits, transport=transport,
                                  capacity=capacity)
-    kv = KVStore(KVCacheConfig(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-                               head_dim=config.head_dim, capacity_tokens=kv_cache_tokens, block_size=kv_block_size,
-                               dtype=dtype),
+    kv_heads, k_dim, v_dim = config.kv_row   # MLA: one latent row per token, no V tensor (v_dim 0)
+    kv = KVStore(KVCacheConfig(num_layers=config.num_layers, num_kv_heads=kv_heads, k_dim=k_dim, v_dim=v_dim,
+                               capacity_tokens=kv_cache_tokens, block_size=kv_block_size, dtype=dtype),
                  rank=topology.rank, world_size=topology.world_size, replicated=dispatcher.replicated_kv,
                  device=topology.device)
     recorder = None

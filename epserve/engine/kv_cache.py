@@ -1,15 +1,20 @@
 """Paged KV cache: fixed-size blocks, a free list, a block table per sequence, accounting in bytes and tokens.
 
     BlockLedger (metadata only, deterministic)      PagedKVCache (one rank's tensors)
-      reserve(step needs) -> all-or-nothing            ledger + k/v [layers, blocks*block_size, Hkv, d]
-      free(seq)                                        write(layer, slots, k, v) / read(layer, slots)
-      slots(seq, positions)
+      reserve(step needs) -> all-or-nothing            ledger + k [layers, blocks*block_size, Hkv, k_dim]
+      free(seq)                                               + v [layers, blocks*block_size, Hkv, v_dim] (v_dim > 0)
+      slots(seq, positions), table(seq)                write(layer, slots, k, v) / read(layer, slots) / layer(l)
 
 The ledger is pure bookkeeping, so every rank can keep the ledger of every other rank (two_a2a: a sequence's
 KV lives on its home rank only) and every rank refuses a step that does not fit in the same way, before any
 collective runs. Under coherent EP every rank holds every sequence and all ledgers are the same.
 
-Legend: L attention layers, P slots (= blocks x block_size), S slots read, T tokens, Hkv kv heads, d head_dim.
+A cache without a V tensor (``v_dim == 0``) holds one row per token and head whose first columns serve as the
+values (MLA: one latent row [kv_lora_rank + rope_dim] per token, values = its first kv_lora_rank columns).
+Attention reads the cache through block tables: epserve/engine/paged_attention.py.
+
+Legend: L attention layers, P slots (= blocks x block_size), S slots read, T tokens, Hkv kv heads,
+d k_dim (K) or v_dim (V).
 """
 
 from __future__ import annotations
@@ -24,29 +29,58 @@ class KVCacheFullError(RuntimeError):
     """A step needs more KV blocks than a rank has free (the scheduler should have checked kv_stats)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False)
 class KVCacheConfig:
+    """Shape of one rank's cache: ``num_layers`` x slots x ``num_kv_heads`` x (``k_dim`` for K, ``v_dim`` for V).
+    ``v_dim == 0``: no V tensor (the values are the first columns of K). ``head_dim=d`` (the GQA case) is short
+    for ``k_dim=d, v_dim=d``."""
+
     num_layers: int
     num_kv_heads: int
-    head_dim: int
+    k_dim: int
+    v_dim: int
     capacity_tokens: int
     block_size: int = 16
     dtype: torch.dtype = torch.float32
 
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim", "capacity_tokens", "block_size"):
+    def __init__(self, *, num_layers: int, num_kv_heads: int, capacity_tokens: int, k_dim: int | None = None,
+                 v_dim: int | None = None, head_dim: int | None = None, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if head_dim is not None and (k_dim is not None or v_dim is not None):
+            raise ValueError("kv cache: give head_dim, or k_dim (and v_dim), not both")
+        if head_dim is not None:
+            k_dim = v_dim = head_dim
+        if k_dim is None:
+            raise ValueError("kv cache: k_dim (or head_dim) is required")
+        values = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, k_dim=k_dim,
+                      v_dim=k_dim if v_dim is None else v_dim, capacity_tokens=capacity_tokens,
+                      block_size=block_size, dtype=dtype)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        for name in ("num_layers", "num_kv_heads", "k_dim", "v_dim", "capacity_tokens", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"kv cache {name} must be a positive integer, got {value!r}")
+            low = 0 if name == "v_dim" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = "non-negative" if low == 0 else "positive"
+                raise ValueError(f"kv cache {name} must be a {kind} integer, got {value!r}")
 
     @property
     def num_blocks(self) -> int:
         return -(-self.capacity_tokens // self.block_size)
 
     @property
+    def has_v(self) -> bool:
+        return self.v_dim > 0
+
+    @property
+    def entry_elems(self) -> int:
+        """K and V elements of one token at one layer."""
+        return self.num_kv_heads * (self.k_dim + self.v_dim)
+
+    @property
     def bytes_per_token(self) -> int:
         """K and V of one token at every attention layer."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * self.entry_elems * torch.empty((), dtype=self.dtype).element_size()
 
 
 class BlockLedger:
@@ -93,6 +127,10 @@ class BlockLedger:
         self._free.sort(reverse=True)
         self._lengths.pop(seq_id, None)
 
+    def blocks(self, seq_id: int) -> tuple[int, ...]:
+        """The sequence's block table (host metadata)."""
+        return tuple(self._tables[seq_id])
+
     def table(self, seq_id: int) -> torch.Tensor:
         if seq_id not in self._table_tensors:
             self._table_tensors[seq_id] = torch.tensor(self._tables[seq_id], dtype=torch.long)
@@ -102,18 +140,6 @@ class BlockLedger:
         """Flat slot index of each position of a sequence (positions must be reserved)."""
         positions = positions.to(torch.long).cpu()
         return self.table(seq_id)[positions // self.block_size] * self.block_size + positions % self.block_size
-
-    def prefix_slots(self, seq_U: list[int], upto_U: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slots, positions and row u of positions [0, upto_U[u]) of every sequence, in one gather."""
-        if not seq_U:
-            empty = torch.zeros(0, dtype=torch.long)
-            return empty, empty, empty
-        tables_UB = torch.nn.utils.rnn.pad_sequence([self.table(s) for s in seq_U], batch_first=True)
-        upto_U_t = torch.tensor(upto_U, dtype=torch.long)
-        u_S = torch.repeat_interleave(torch.arange(len(seq_U)), upto_U_t)
-        pos_S = torch.arange(len(u_S)) - torch.repeat_interleave(torch.cumsum(upto_U_t, 0) - upto_U_t, upto_U_t)
-        slots_S = tables_UB[u_S, pos_S // self.block_size] * self.block_size + pos_S % self.block_size
-        return slots_S, pos_S, u_S
 
     @property
     def used_blocks(self) -> int:
@@ -129,27 +155,37 @@ class BlockLedger:
 
 
 class PagedKVCache:
-    """One rank's K/V tensors for every attention layer, addressed by slot."""
+    """One rank's K/V tensors for every attention layer, addressed by slot (``v_LPHd`` is None when v_dim == 0)."""
 
     def __init__(self, config: KVCacheConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.ledger = BlockLedger(config.num_blocks, config.block_size)
-        shape = (config.num_layers, config.num_blocks * config.block_size, config.num_kv_heads, config.head_dim)
-        self.k_LPHd = torch.zeros(shape, dtype=config.dtype, device=device)
-        self.v_LPHd = torch.zeros(shape, dtype=config.dtype, device=device)
+        P = config.num_blocks * config.block_size
+        self.k_LPHd = torch.zeros((config.num_layers, P, config.num_kv_heads, config.k_dim), dtype=config.dtype,
+                                  device=device)
+        self.v_LPHd = None if not config.has_v else torch.zeros(
+            (config.num_layers, P, config.num_kv_heads, config.v_dim), dtype=config.dtype, device=device)
 
-    def write(self, layer: int, slots_T: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> None:
+    def write(self, layer: int, slots_T: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor | None) -> None:
+        if (v_THd is None) == self.config.has_v:
+            raise ValueError(f"kv cache with v_dim={self.config.v_dim}: "
+                             f"{'a V tensor is required' if self.config.has_v else 'it holds no V tensor'}")
         slots_T = slots_T.to(self.k_LPHd.device)
         self.k_LPHd[layer, slots_T] = k_THd.to(self.config.dtype)
-        self.v_LPHd[layer, slots_T] = v_THd.to(self.config.dtype)
+        if v_THd is not None:
+            self.v_LPHd[layer, slots_T] = v_THd.to(self.config.dtype)
 
-    def read(self, layer: int, slots_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, slots_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         slots_S = slots_S.to(self.k_LPHd.device)
-        return self.k_LPHd[layer, slots_S], self.v_LPHd[layer, slots_S]
+        return self.k_LPHd[layer, slots_S], None if self.v_LPHd is None else self.v_LPHd[layer, slots_S]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k_PHd, v_PHd or None) of one layer: views, for paged attention."""
+        return self.k_LPHd[layer], None if self.v_LPHd is None else self.v_LPHd[layer]
 
     @property
     def capacity_bytes(self) -> int:
-        return self.k_LPHd.numel() * self.k_LPHd.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (self.k_LPHd, self.v_LPHd) if t is not None)
 
     @property
     def used_bytes(self) -> int:
@@ -220,11 +256,6 @@ class KVStore:
         mine = self.cache.ledger
         return {w.seq_id: mine.slots(w.seq_id, torch.arange(w.start_pos, w.start_pos + len(w.token_ids)))
                 for w in works if self.replicated or w.home_rank == self.rank}
-
-    def key_index(self, seq_U: list[int], upto_U: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Slots, positions and sequence ids of positions [0, upto) of each sequence (keys for attention)."""
-        slots_S, pos_S, u_S = self.cache.ledger.prefix_slots(seq_U, upto_U)
-        return slots_S, pos_S, torch.tensor(seq_U, dtype=torch.long)[u_S] if seq_U else u_S
 
     def stats(self) -> KVStats:
         c = self.config

@@ -15,7 +15,11 @@ are copied to all other ranks, ONCE per step, asynchronously, on the topology's 
 A token attends to its own new K/V at once (the computing rank wrote them before attending); only the copies
 travel, overlapped with what happens between steps (scheduling, the plan broadcast, embedding).
 
-Legend: R rows received, B bytes per row, Y groups, G ranks, P ranks per node, Hkv kv heads, d head_dim.
+A row carries, per layer of its group, the token's K (Hkv x k_dim) and, when the cache has a V tensor, its V
+(Hkv x v_dim); a cache without V (MLA's latent row) sends K only.
+
+Legend: R rows received, B bytes per row, Y groups, G ranks, P ranks per node, Hkv kv heads, E K and V
+elements of one token-layer.
 """
 
 from __future__ import annotations
@@ -49,11 +53,11 @@ class KVCoherence:
         topo = coll.topology
         self.node_dedup = node_dedup and topo.nodes > 1
         c = cache.config
-        self._entry = c.num_kv_heads * c.head_dim
-        width = 2 * max(len(g) for g in groups) * self._entry     # rows padded to the widest group
+        self._entry = c.entry_elems                               # K (+ V) of one token-layer
+        width = max(len(g) for g in groups) * self._entry         # rows padded to the widest group
         self._codec = RowCodec((Field("token", torch.int32, 1), Field("group", torch.int32, 1),
                                 Field("kv", c.dtype, width)))
-        self._entry_bytes = 2 * self._entry * torch.empty((), dtype=c.dtype).element_size()
+        self._entry_bytes = self._entry * torch.empty((), dtype=c.dtype).element_size()
         self._noted: dict[int, torch.Tensor] = {}
         self._pending: _Pending | None = None
 
@@ -82,8 +86,9 @@ class KVCoherence:
         rows, entries_Y = [], {}
         for y, token_N in sorted(self._noted.items()):
             layers = self.groups[y]
-            kv = [t.reshape(len(token_N), self._entry) for l in layers for t in self.cache.read(l, slot_T[token_N])]
-            kv_NX = torch.nn.functional.pad(torch.cat(kv, dim=1), (0, self._codec.fields[2].width - 2 * len(layers)
+            kv = [t.flatten(1) for l in layers for t in self.cache.read(l, slot_T[token_N])
+                  if t is not None]
+            kv_NX = torch.nn.functional.pad(torch.cat(kv, dim=1), (0, self._codec.fields[2].width - len(layers)
                                                                      * self._entry))
             rows.append(self._codec.pack(self.cache.k_LPHd.device, token=token_N[:, None],
                                          group=torch.full((len(token_N), 1), y), kv=kv_NX))
@@ -161,12 +166,14 @@ class KVCoherence:
         for y in np.unique(group_R).tolist():
             rows = torch.as_tensor(np.flatnonzero(group_R == y), device=dev)
             layers = self.groups[y]
-            kv = got["kv"][rows, :2 * len(layers) * self._entry]
-            kv_RL2X = kv.reshape(len(rows), len(layers), 2, self.cache.config.num_kv_heads,
-                                 self.cache.config.head_dim)
+            c = self.cache.config
+            kv_RLE = got["kv"][rows, :len(layers) * self._entry].reshape(len(rows), len(layers), self._entry)
+            k_RLHd = kv_RLE[..., :c.num_kv_heads * c.k_dim].unflatten(-1, (c.num_kv_heads, c.k_dim))
+            v_RLHd = kv_RLE[..., c.num_kv_heads * c.k_dim:].unflatten(-1, (c.num_kv_heads, c.v_dim)) \
+                if c.has_v else None
             slots_R = slot_R[rows]
             for i, layer in enumerate(layers):
-                self.cache.write(layer, slots_R, kv_RL2X[:, i, 0], kv_RL2X[:, i, 1])
+                self.cache.write(layer, slots_R, k_RLHd[:, i], None if v_RLHd is None else v_RLHd[:, i])
 
     @property
     def in_flight(self) -> int:

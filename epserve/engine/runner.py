@@ -28,11 +28,11 @@ from comm.primitives import Collectives
 from epserve.engine.kv_cache import KVStats, KVStore
 from epserve.engine.forced_routing import ForcedRouting
 from epserve.engine.kv_coherence import KVCoherence
+from epserve.engine.paged_attention import GatherScratch, StepAttention, paged_attention
 from epserve.engine.plan import StepPlan, StepResult
 from epserve.engine.recorder import RoutingRecorder
 from epserve.engine.sampling import sample_rows
 from epserve.engine.step_batch import StepBatch
-from epserve.model.layers import attend
 from epserve.model.model import MoEModel
 from placement.transport import Transport
 
@@ -88,6 +88,8 @@ class Runner:
         self._prev_rank: dict[int, int] = {}   # seq_id -> rank where its last decode token was sampled
         self.retried_steps = 0                 # steps run again after a fixed buffer overflowed
         self.live_stats = None   # epserve.engine.live_stats.LiveStats, attached by the engine
+        self._step_attention: StepAttention | None = None   # this step's attention contexts (per held-token set)
+        self._gather_scratch = GatherScratch()              # reused K/V gather buffers (host allocations)
 
     # ---- queries for the scheduler --------------------------------------------------------------------
     @property
@@ -116,6 +118,9 @@ class Runner:
                                     vocab_size=self.model.config.vocab_size)
         new_slots = self.kv.reserve_step(plan.work)
         slot_T = self._slot_T(batch, new_slots)
+        # block tables are fixed until the next step: attention contexts are built once per held-token set
+        self._step_attention = StepAttention(self.kv.cache.ledger, batch.seq_T, batch.pos_T, slot_T,
+                                             self.topology.device)
         if self.recorder is not None:
             self.recorder.begin_step(batch)
         for _ in range(MAX_STEP_TRIES):
@@ -167,26 +172,16 @@ class Runner:
         return self._moe(layer, batch, _Held(held.token_N, x_ND), attempt)
 
     def _attention(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor) -> torch.Tensor:
-        dev = self.topology.device
-        t_N = held.token_N
-        if len(t_N) == 0:
+        """The held tokens' own K/V written first, then paged attention over the cache (no host sync: the
+        context's indices are host metadata, copied to the device once per held-token set)."""
+        if len(held.token_N) == 0:
             return torch.zeros_like(held.x_ND)
-        pos_N = torch.as_tensor(batch.pos_T)[t_N]
-        seq_N = torch.as_tensor(batch.seq_T)[t_N]
-        q_NHd, k_NHd, v_NHd = layer.attn.project_qkv(layer.input_norm(held.x_ND), pos_N.to(dev))
-        self.kv.cache.write(layer.layer, slot_T[t_N], k_NHd, v_NHd)
-        seq_U, upto_U = self._key_spans(seq_N, pos_N)
-        slots_S, pos_S, kseq_S = self.kv.key_index(seq_U, upto_U)
-        k_SHd, v_SHd = self.kv.cache.read(layer.layer, slots_S)
-        o_NHd = attend(q_NHd, k_SHd, v_SHd, pos_N.to(dev), pos_S.to(dev), seq_N.to(dev), kseq_S.to(dev))
-        return layer.attn.output(o_NHd)
-
-    @staticmethod
-    def _key_spans(seq_N: torch.Tensor, pos_N: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Each sequence among the held tokens, and how many of its positions the keys span."""
-        seq_U, inverse_N = torch.unique(seq_N, return_inverse=True)
-        upto_U = torch.zeros(len(seq_U), dtype=torch.long).scatter_reduce(0, inverse_N, pos_N + 1, "amax")
-        return seq_U.tolist(), upto_U.tolist()  # host-side metadata (CPU tensors)
+        ctx = self._step_attention.context(held.token_N)
+        q_NHd, k_NHd, v_NHd = layer.attn.project_qkv(layer.input_norm(held.x_ND), ctx.pos_N)
+        self.kv.cache.write(layer.layer, ctx.slot_N, k_NHd, v_NHd)
+        o_NHv = paged_attention(q_NHd, *self.kv.cache.layer(layer.layer), ctx, scale=layer.attn.softmax_scale,
+                                value_dim=layer.attn.value_dim, scratch=self._gather_scratch)
+        return layer.attn.output(o_NHv)
 
     def _moe(self, layer, batch: StepBatch, held: _Held, attempt: "_Attempt") -> _Held:
         mlp, m, dev = layer.mlp, layer.moe_index, self.topology.device

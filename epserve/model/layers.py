@@ -80,12 +80,15 @@ def attend(q_THd: torch.Tensor, k_SHkvd: torch.Tensor, v_SHkvd: torch.Tensor, q_
 
 
 class Attention(nn.Module):
-    """Projections of one attention layer; ``attend`` (above) does the mixing between tokens."""
+    """Projections of one attention layer; ``attend`` (above) does the mixing between tokens in the one-process
+    forward, epserve/engine/paged_attention.py over the runtime's paged KV cache."""
 
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
         D, H, Hkv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
+        self.softmax_scale = d ** -0.5   # what paged attention scales the scores by (attend's rule)
+        self.value_dim = d               # width of the values (MLAttention: the latent's first columns)
         self.qk_norm, self.clip_qkv = config.qk_norm, config.clip_qkv
         self.q_proj = nn.Linear(D, H * d, bias=config.qkv_bias)
         self.k_proj = nn.Linear(D, Hkv * d, bias=config.qkv_bias)

@@ -1,4 +1,5 @@
-"""Paged KV cache: block tables, free list, accounting, all-or-nothing reservation, per-rank ledgers."""
+"""Paged KV cache: block tables, free list, accounting, all-or-nothing reservation, per-rank ledgers, K/V widths
+(a cache without V: MLA's latent rows)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,21 @@ CFG = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, capacity_tokens=16
 
 def test_config_accounting():
     assert CFG.num_blocks == 4
+    assert (CFG.k_dim, CFG.v_dim) == (4, 4)            # head_dim=d is short for k_dim=v_dim=d
+    assert CFG == KVCacheConfig(num_layers=2, num_kv_heads=2, k_dim=4, capacity_tokens=16, block_size=4)
     assert CFG.bytes_per_token == 2 * 2 * 2 * 4 * 4   # K and V x layers x kv heads x head_dim x float32
+    mla = KVCacheConfig(num_layers=3, num_kv_heads=1, k_dim=576, v_dim=0, capacity_tokens=8, dtype=torch.bfloat16)
+    assert not mla.has_v and mla.bytes_per_token == 3 * 576 * 2
+    wide = KVCacheConfig(num_layers=1, num_kv_heads=2, k_dim=8, v_dim=6, capacity_tokens=8)
+    assert wide.bytes_per_token == 2 * (8 + 6) * 4
     with pytest.raises(ValueError, match="block_size"):
         KVCacheConfig(num_layers=1, num_kv_heads=1, head_dim=1, capacity_tokens=4, block_size=0)
+    with pytest.raises(ValueError, match="v_dim must be a non-negative integer"):
+        KVCacheConfig(num_layers=1, num_kv_heads=1, k_dim=4, v_dim=-1, capacity_tokens=4)
+    with pytest.raises(ValueError, match="not both"):
+        KVCacheConfig(num_layers=1, num_kv_heads=1, k_dim=4, head_dim=4, capacity_tokens=4)
+    with pytest.raises(ValueError, match="k_dim .or head_dim. is required"):
+        KVCacheConfig(num_layers=1, num_kv_heads=1, capacity_tokens=4)
 
 
 def test_ledger_hands_out_lowest_blocks_and_maps_positions_to_slots():
@@ -51,6 +64,25 @@ def test_paged_cache_write_read():
     assert torch.equal(got_k, k[[2, 0]]) and torch.equal(got_v, -k[[2, 0]])
     assert cache.capacity_bytes == CFG.num_blocks * CFG.block_size * CFG.bytes_per_token
     assert cache.used_bytes == 1 * 4 * CFG.bytes_per_token
+    with pytest.raises(ValueError, match="a V tensor is required"):
+        cache.write(0, slots, k, None)
+
+
+def test_cache_without_v_holds_k_rows_only():
+    cfg = KVCacheConfig(num_layers=2, num_kv_heads=1, k_dim=6, v_dim=0, capacity_tokens=8, block_size=4)
+    cache = PagedKVCache(cfg)
+    assert cache.v_LPHd is None and cache.k_LPHd.shape == (2, 8, 1, 6)
+    cache.ledger.reserve({0: 2}, where="r")
+    slots = cache.ledger.slots(0, torch.arange(2))
+    k = torch.randn(2, 1, 6)
+    cache.write(0, slots, k, None)
+    got_k, got_v = cache.read(0, slots)
+    assert torch.equal(got_k, k) and got_v is None
+    k_PHd, v_PHd = cache.layer(0)
+    assert v_PHd is None and torch.equal(k_PHd[slots], k)
+    assert cache.capacity_bytes == 8 * cfg.bytes_per_token
+    with pytest.raises(ValueError, match="it holds no V tensor"):
+        cache.write(0, slots, k, k)
 
 
 def test_store_keeps_every_ranks_ledger_and_checks_positions():
@@ -72,5 +104,3 @@ def test_store_keeps_every_ranks_ledger_and_checks_positions():
         rep.reserve_step([SeqWork(2, tuple(range(8)), 0, 1)])
     rep.release([0, 1])
     assert rep.stats().per_rank[1].used_blocks == 0
-    slots_S, pos_S, seq_S = rep.key_index([], [])
-    assert slots_S.numel() == pos_S.numel() == seq_S.numel() == 0
