@@ -221,7 +221,9 @@ class _Server:
         return JSONResponse(protocol.completion_response(job.rid, job.model, job.created, choices, use))
 
     async def collect(self, request: Request, streams: list[TextStream]) -> tuple[list[str], list[str]]:
-        """All text of every prompt. A client that goes away cancels them all (answered 499, to no one)."""
+        """All text of every prompt, each stream drained by its own task (no merged queue between them: one
+        task wake-up per token, not two). A client that goes away cancels them all (answered 499, to no one);
+        an error in one prompt ends the others."""
         texts, finish = [""] * len(streams), [""] * len(streams)
         gone = asyncio.Event()
 
@@ -229,16 +231,28 @@ class _Server:
             gone.set()
             self._cancel(streams)
 
-        watcher = asyncio.create_task(_on_disconnect(request, client_gone))
-        try:
-            async for event in merge(streams):
-                texts[event.index] += event.text
+        async def drain(i: int, s: TextStream) -> TextEvent | None:
+            async for event in s.events():
+                texts[i] += event.text
                 if event.finish_reason == "error":
-                    raise errors.client_closed() if gone.is_set() else self.engine_error(event)
+                    return event
                 if event.finish_reason is not None:
-                    finish[event.index] = event.finish_reason
+                    finish[i] = event.finish_reason
+            return None
+
+        watcher = asyncio.create_task(_on_disconnect(request, client_gone))
+        tasks = [asyncio.create_task(drain(i, s)) for i, s in enumerate(streams)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                failed = await next_done
+                if failed is not None:
+                    raise errors.client_closed() if gone.is_set() else self.engine_error(failed)
         finally:
             watcher.cancel()
+            self._cancel(streams)          # those still running (no-op for finished ones)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return texts, finish
 
     def engine_error(self, event: TextEvent) -> errors.APIError:
