@@ -6,8 +6,9 @@
       per group: block tables [U, B] (padded with block 0), query rows [U, Q] and positions (padded by repeating
       a real query), where each real query's output goes --> ONE host-to-device copy (pinned on CUDA)
       --> key mask [U, 1, Q, S] = k_pos <= q_pos, built on the device
-    per layer (paged_attention):
-      k/v of every group's sequences gathered through the block tables: [U, Hkv, S = B x block_size, d]
+    per layer (paged_attention), per chunk of a group's sequences (CPU: ~4 MiB of K + V, so the copy is still in
+    cache when SDPA reads it):
+      k/v of the chunk's sequences gathered through the block tables: [U, Hkv, S = B x block_size, d]
       --SDPA (query heads folded onto their kv head: [U, Hkv, G x Q, d], G = H / Hkv; no K/V copies)-->
       o_NHv in the held tokens' order
 
@@ -161,16 +162,22 @@ def _gather(cache_PHd: torch.Tensor, blocks_UB: torch.Tensor, block_size: int, s
     return got.view(U, B * block_size, Hkv, d).transpose(1, 2)
 
 
+CPU_CHUNK_BYTES = 4 << 20   # gathered K + V per chunk of sequences on CPU: stays in cache for SDPA to read
+
+
 def paged_attention(q_NHd: torch.Tensor, k_PHd: torch.Tensor, v_PHd: torch.Tensor | None, ctx: AttentionContext,
                     *, scale: float | None = None, value_dim: int | None = None,
                     scratch: GatherScratch | None = None, fold_heads: bool = True,
-                    eager_rounding: bool | None = None) -> torch.Tensor:
+                    eager_rounding: bool | None = None, chunk_bytes: int | None = -1) -> torch.Tensor:
     """Causal attention of the held tokens over one layer's paged cache: query n sees the keys of its own
     sequence at positions <= its own. ``v_PHd`` None: values are the first ``value_dim`` columns of K.
     ``fold_heads`` False: SDPA's own ``enable_gqa`` instead of folding the query heads (measured slower on CPU,
     bench/attention_bench.py; on CUDA enable_gqa rules out the masked memory-efficient kernel).
     ``eager_rounding``: round like transformers' eager attention instead of SDPA (None: in bfloat16 / float16
-    only; see the module's notes). Returns o_NHv (v = value width) in q's dtype."""
+    only; see the module's notes). ``chunk_bytes``: sequences are gathered and attended in chunks of at most
+    this many bytes of K + V (at least one sequence), so the copy is still in cache when SDPA reads it (measured
+    1.6x at 4k context on CPU); -1: CPU_CHUNK_BYTES on CPU, no chunks on CUDA; None: no chunks.
+    Returns o_NHv (v = value width) in q's dtype."""
     N, H, dk = q_NHd.shape
     Hkv = k_PHd.shape[1]
     if H % Hkv:
@@ -179,32 +186,49 @@ def paged_attention(q_NHd: torch.Tensor, k_PHd: torch.Tensor, v_PHd: torch.Tenso
         raise ValueError(f"{N} queries for an attention context of {ctx.num_tokens} tokens")
     if v_PHd is None and value_dim is None:
         raise ValueError("a cache without V needs value_dim (the values are K's first value_dim columns)")
-    G = H // Hkv
     dv = value_dim if v_PHd is None else v_PHd.shape[-1]
     if eager_rounding is None:
         eager_rounding = q_NHd.dtype in (torch.bfloat16, torch.float16)
+    if chunk_bytes == -1:
+        chunk_bytes = None if q_NHd.device.type == "cuda" else CPU_CHUNK_BYTES
+    row_bytes = Hkv * (dk + (0 if v_PHd is None else dv)) * k_PHd.element_size()   # one key slot's K + V
     out_NHv = q_NHd.new_empty((N, H, dv))
     for g in ctx.groups:
         U, Q = g.rows_UQ.shape
-        k_UHSd = _gather(k_PHd, g.blocks_UB, ctx.block_size, scratch, "k")
-        v_UHSd = k_UHSd[..., :dv] if v_PHd is None else _gather(v_PHd, g.blocks_UB, ctx.block_size, scratch, "v")
-        if k_UHSd.dtype != q_NHd.dtype:
-            k_UHSd, v_UHSd = k_UHSd.to(q_NHd.dtype), v_UHSd.to(q_NHd.dtype)
-        q_UQHd = q_NHd.index_select(0, g.rows_UQ.reshape(-1)).view(U, Q, H, dk)
-        if fold_heads or eager_rounding:   # the G query heads of each kv head on the query axis: [U, Hkv, G Q, dk]
-            q_UKXd = q_UQHd.view(U, Q, Hkv, G, dk).permute(0, 2, 3, 1, 4).reshape(U, Hkv, G * Q, dk)
-            mask = g.mask_U1QS if Q == 1 else \
-                g.mask_U1QS[:, :, None].expand(U, 1, G, Q, -1).reshape(U, 1, G * Q, -1)   # decode: broadcasts
-            if eager_rounding:
-                o_UKXv = _eager(q_UKXd, k_UHSd, v_UHSd, mask, dk ** -0.5 if scale is None else scale)
-            else:
-                o_UKXv = F.scaled_dot_product_attention(q_UKXd, k_UHSd, v_UHSd, attn_mask=mask, scale=scale)
-            o_XHv = o_UKXv.view(U, Hkv, G, Q, dv).permute(0, 3, 1, 2, 4).reshape(U * Q, H, dv)
-        else:
-            o_UHQv = _sdpa_gqa(q_UQHd.transpose(1, 2), k_UHSd, v_UHSd, g.mask_U1QS, scale)
-            o_XHv = o_UHQv.transpose(1, 2).reshape(U * Q, H, dv)
+        S = g.mask_U1QS.shape[-1]
+        step = U if chunk_bytes is None else max(1, min(U, chunk_bytes // (S * row_bytes)))
+        o_XHv = q_NHd.new_empty((U * Q, H, dv))
+        for a in range(0, U, step):   # host arithmetic on shapes: no sync
+            b = min(U, a + step)
+            o_XHv[a * Q:b * Q] = _attend_chunk(q_NHd, k_PHd, v_PHd, g.rows_UQ[a:b], g.blocks_UB[a:b],
+                                               g.mask_U1QS[a:b], ctx.block_size, dv, scale, scratch, fold_heads,
+                                               eager_rounding)
         out_NHv.index_copy_(0, g.dest_R, o_XHv.index_select(0, g.real_R))
     return out_NHv
+
+
+def _attend_chunk(q_NHd, k_PHd, v_PHd, rows_UQ, blocks_UB, mask_U1QS, block_size: int, dv: int, scale, scratch,
+                  fold_heads: bool, eager_rounding: bool) -> torch.Tensor:
+    """o_XHv (X = U x Q query slots) of some sequences of one group."""
+    (U, Q), (_, H, dk), Hkv = rows_UQ.shape, q_NHd.shape, k_PHd.shape[1]
+    G = H // Hkv
+    k_UHSd = _gather(k_PHd, blocks_UB, block_size, scratch, "k")
+    v_UHSd = k_UHSd[..., :dv] if v_PHd is None else _gather(v_PHd, blocks_UB, block_size, scratch, "v")
+    if k_UHSd.dtype != q_NHd.dtype:
+        k_UHSd, v_UHSd = k_UHSd.to(q_NHd.dtype), v_UHSd.to(q_NHd.dtype)
+    q_UQHd = q_NHd.index_select(0, rows_UQ.reshape(-1)).view(U, Q, H, dk)
+    if not (fold_heads or eager_rounding):
+        o_UHQv = _sdpa_gqa(q_UQHd.transpose(1, 2), k_UHSd, v_UHSd, mask_U1QS, scale)
+        return o_UHQv.transpose(1, 2).reshape(U * Q, H, dv)
+    # the G query heads of each kv head on the query axis: [U, Hkv, G x Q, dk], row g Q + q
+    q_UKXd = q_UQHd.view(U, Q, Hkv, G, dk).permute(0, 2, 3, 1, 4).reshape(U, Hkv, G * Q, dk)
+    mask = mask_U1QS if Q == 1 else \
+        mask_U1QS[:, :, None].expand(U, 1, G, Q, -1).reshape(U, 1, G * Q, -1)   # decode: broadcasts
+    if eager_rounding:
+        o_UKXv = _eager(q_UKXd, k_UHSd, v_UHSd, mask, dk ** -0.5 if scale is None else scale)
+    else:
+        o_UKXv = F.scaled_dot_product_attention(q_UKXd, k_UHSd, v_UHSd, attn_mask=mask, scale=scale)
+    return o_UKXv.view(U, Hkv, G, Q, dv).permute(0, 3, 1, 2, 4).reshape(U * Q, H, dv)
 
 
 def _eager(q_UKXd, k_UKSd, v_UKSv, mask, scale: float) -> torch.Tensor:

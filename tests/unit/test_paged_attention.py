@@ -67,7 +67,8 @@ MIXED = {3: 1, 5: 1, 8: 5, 11: 1, 12: 4, 20: 3}   # decode, a one-token sequence
 
 @pytest.mark.parametrize("H,Hkv,d", [(4, 2, 8), (6, 1, 8), (3, 3, 4)])
 @pytest.mark.parametrize("fold", [True, False])
-def test_mixed_batch_equals_dense_reference(H, Hkv, d, fold):
+@pytest.mark.parametrize("chunk_bytes", [-1, None, 1, 600])   # default, one gather, one sequence, a few
+def test_mixed_batch_equals_dense_reference(H, Hkv, d, fold, chunk_bytes):
     cache = _scattered_cache(d, d, Hkv)
     seq_N, pos_N = _held(MIXED)
     slot_N = np.array([int(cache.ledger.slots(int(s), torch.tensor([int(p)]))) for s, p in zip(seq_N, pos_N)])
@@ -76,7 +77,7 @@ def test_mixed_batch_equals_dense_reference(H, Hkv, d, fold):
     assert ctx.upto_U.tolist() == [LENGTHS[s] for s in sorted(LENGTHS)]
     q_NHd = torch.randn(len(seq_N), H, d, generator=torch.Generator().manual_seed(2))
     for layer in (0, 1):
-        got = paged_attention(q_NHd, *cache.layer(layer), ctx, fold_heads=fold)
+        got = paged_attention(q_NHd, *cache.layer(layer), ctx, fold_heads=fold, chunk_bytes=chunk_bytes)
         torch.testing.assert_close(got, _dense(cache, layer, seq_N, pos_N, q_NHd), atol=1e-5, rtol=0)
 
 
@@ -100,7 +101,7 @@ def test_latent_cache_without_v_and_custom_scale(fold):
     seq_N, pos_N = _held(MIXED)
     ctx = build_context(cache.ledger, seq_N, pos_N, np.zeros(len(seq_N), dtype=np.int64))
     q_NHd = torch.randn(len(seq_N), H, C + r)
-    got = paged_attention(q_NHd, *cache.layer(0), ctx, scale=0.37, value_dim=C, fold_heads=fold)
+    got = paged_attention(q_NHd, *cache.layer(0), ctx, scale=0.37, value_dim=C, fold_heads=fold, chunk_bytes=900)
     assert got.shape == (len(seq_N), H, C)
     torch.testing.assert_close(got, _dense(cache, 0, seq_N, pos_N, q_NHd, scale=0.37, value_dim=C),
                                atol=1e-5, rtol=0)
@@ -148,7 +149,9 @@ def test_bfloat16_default_rounds_like_eager(H, Hkv, d):
     """In reduced precision the default follows the eager rule of ``attend`` (what the one-process forward and
     transformers' eager attention do): bit for bit here."""
     cache16, seq_N, pos_N, ctx, q16 = _bf16_case(H, Hkv, d)
-    assert torch.equal(paged_attention(q16, *cache16.layer(0), ctx), _dense(cache16, 0, seq_N, pos_N, q16))
+    for chunk_bytes in (-1, 1):
+        got = paged_attention(q16, *cache16.layer(0), ctx, chunk_bytes=chunk_bytes)
+        assert torch.equal(got, _dense(cache16, 0, seq_N, pos_N, q16))
 
 
 def test_bfloat16_sdpa_is_at_least_as_close_to_float32_as_eager():
