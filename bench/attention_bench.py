@@ -176,9 +176,8 @@ def write_report(out: Path, result: dict) -> None:
         f"{r['ms_min']['context']:.3f}" for r in result["rows"]) + f". Load average at the start: {s['loadavg']}."]
     lines.append("")
     for name, ratio in result["ratios_4k_1k"].items():
-        lines.append(f"- 4k / 1k time ratio, {name}: {ratio:.2f}" + (
-            f" (target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})" if name != "previous"
-            else ""))
+        verdict = f" (target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})"
+        lines.append(f"- 4k / 1k time ratio, {name}: {ratio:.2f}" + ("" if name.startswith("previous") else verdict))
     (out / "attention_bench.md").write_text("\n".join(lines) + "\n")
 
 
@@ -220,7 +219,8 @@ def main(argv=None) -> int:
     setup = {"seqs": args.seqs, "contexts": args.contexts, "heads": H, "kv_heads": Hkv, "head_dim": d,
              "shape_from": shape_from, "dtype": "float32", "block_size": BLOCK, "repeats": args.repeats,
              "warmup": args.warmup, "threads": args.threads, "quick": args.quick, "torch": torch.__version__,
-             "cpu": f"{platform.machine()}, {os.cpu_count()} cores", "loadavg": load0, "seconds": round(time.perf_counter() - t0, 1)}
+             "cpu": f"{platform.machine()}, {os.cpu_count()} cores", "loadavg": load0,
+             "seconds": round(time.perf_counter() - t0, 1)}
     result = {"setup": setup, "rows": rows, "ratios_4k_1k": ratios}
     write_report(args.out, result)
     print(json.dumps({"ratios_4k_1k": ratios, "speedup_layer": {r["context"]: round(r["speedup_layer"], 2)
