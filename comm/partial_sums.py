@@ -19,6 +19,15 @@ from __future__ import annotations
 import torch
 
 
+def partial_dtype(top_k: int, dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial sums cross the network in. The model sums its k weighted expert outputs in float32 and
+    rounds once (epserve/model/moe.py), so that the sum does not depend on how the k terms are split between
+    ranks: with top-k <= 2 a partial in the model dtype is exact (one term, or the whole two-term sum, which is
+    rounded to the model dtype anyway), with k >= 3 a rounded partial would round twice, so bfloat16 / float16
+    models send float32 partials (twice the combine bytes; the cost model prices it)."""
+    return torch.float32 if top_k >= 3 and torch.empty((), dtype=dtype).element_size() < 4 else dtype
+
+
 def max_partials(top_k: int, world_size: int) -> int:
     """R: a row receives at most one partial per other rank, and only from ranks holding one of its k experts."""
     return max(0, min(top_k, world_size - 1))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from comm.counters import CollKind
-from comm.partial_sums import fold_partials_, max_partials
+from comm.partial_sums import fold_partials_, max_partials, partial_dtype
 from comm.primitives import Collectives
 from comm.routes import (BIG, bitmap_tokens, destinations_NG, flows_GG, group_pick_NQ, group_targets_NQ,
                          order_by_destination, order_by_rank)
@@ -64,8 +64,9 @@ class CountedTransport:
             raise ValueError(f"relay groups of {group_size} ranks do not divide {G} ranks")
         self.coll, self.expert_to_rank_LE, self.P, self.Q = coll, expert_to_rank_LE, group_size, G // group_size
         self.codec = dispatch_codec(hidden_size, top_k, dtype)
-        self.ycodec = combine_codec(hidden_size, dtype)
+        self.ycodec = combine_codec(hidden_size, partial_dtype(top_k, dtype))
         self.row_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
+        self.partial_row_bytes = hidden_size * torch.empty((), dtype=partial_dtype(top_k, dtype)).element_size()
         self.max_partials = max_partials(top_k, G)   # partials one row can receive in a combine stage
         self.relays = group_size > 1 and self.Q > 1
         dev = coll.topology.device
@@ -230,7 +231,8 @@ class CountedTransport:
         send = self.ycodec.pack(value_HD.device, token=token_H[order, None], y=value_HD[order])
         recv, _ = self.coll.all_to_all_rows(send, h.sizes.send[stage], h.sizes.recv[stage],
                                             kind=CollKind.ALL_TO_ALL, phase=stage, layer=h.layer,
-                                            payload_bytes_per_row=self.row_bytes, intra_node=stage == "combine_intra")
+                                            payload_bytes_per_row=self.partial_row_bytes,
+                                            intra_node=stage == "combine_intra")
         got = self.ycodec.unpack(recv)
         fold_partials_(y_HD, slot_T[got["token"][:, 0].long()], got["y"], self.max_partials)
 

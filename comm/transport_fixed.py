@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from comm.counters import CollKind
-from comm.partial_sums import fold_partials_, max_partials
+from comm.partial_sums import fold_partials_, max_partials, partial_dtype
 from comm.primitives import Collectives
 from comm.routes import destinations_NG, order_by_rank
 from comm.transport_base import Anchored, ExpertWork, Route, handled_rows, token_slots_T
@@ -57,8 +57,9 @@ class FixedTransport:
         self.coll, self.expert_to_rank_LE, self.top_k = coll, expert_to_rank_LE, top_k
         self.capacity, self.capacity_factor = capacity, capacity_factor   # grown by grow_capacity()
         self.codec = dispatch_codec(hidden_size, top_k, dtype)
-        self.ycodec = combine_codec(hidden_size, dtype)
+        self.ycodec = combine_codec(hidden_size, partial_dtype(top_k, dtype))
         self.row_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
+        self.partial_row_bytes = hidden_size * torch.empty((), dtype=partial_dtype(top_k, dtype)).element_size()
 
     def capacity_for(self, route: Route) -> int:
         if self.capacity is not None:
@@ -109,7 +110,7 @@ class FixedTransport:
             cell_HG = (anchor_H[:, None] == torch.arange(G, device=anchor_H.device)[None, :]) & away_H[:, None]
             send, over = _fill_slots(packed, cell_HG, C, self.ycodec)
             recv, _ = self.coll.all_to_all_rows(send, [C] * G, [C] * G, kind=CollKind.ALL_TO_ALL, phase="combine",
-                                                layer=h.layer, payload_bytes_per_row=self.row_bytes,
+                                                layer=h.layer, payload_bytes_per_row=self.partial_row_bytes,
                                                 real_rows_G=_real_rows_G(send, self.ycodec, C))
             got = self.ycodec.unpack(recv)
             slot_T = token_slots_T(token_H, valid_H, T)

@@ -148,8 +148,13 @@ class ModelShape:
         return self.hidden_size * self.dtype_bytes + self.top_k * META_BYTES_PER_EXPERT + META_BYTES_PER_ROW
 
     @property
+    def partial_dtype_bytes(self) -> int:
+        """Partial sums cross in float32 for top-k >= 3 in a 2-byte dtype (comm/partial_sums.py)."""
+        return 4 if self.top_k >= 3 and self.dtype_bytes < 4 else self.dtype_bytes
+
+    @property
     def combine_row_bytes(self) -> int:
-        return self.hidden_size * self.dtype_bytes + COMBINE_META_BYTES
+        return self.hidden_size * self.partial_dtype_bytes + COMBINE_META_BYTES
 
 
 @dataclass(frozen=True, kw_only=True)

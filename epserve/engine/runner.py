@@ -206,7 +206,7 @@ class Runner:
         anchored = self.dispatcher.combine(partial_MD, handle)
         if anchored.overflow is not None:
             attempt.overflow = anchored.overflow if attempt.overflow is None else attempt.overflow | anchored.overflow
-        y_AD = anchored.y_AD
+        y_AD = anchored.y_AD.to(anchored.x_AD.dtype)   # float32 sums of the routed experts, rounded once
         shared_AD = mlp.shared_output(layer.post_attn_norm(anchored.x_AD))
         if shared_AD is not None:
             y_AD = y_AD + shared_AD

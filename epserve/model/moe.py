@@ -148,7 +148,7 @@ class MoEBlock(nn.Module):
 
     def local_weighted_sum(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor,
                            use_NK: torch.Tensor) -> torch.Tensor:
-        """y_ND = sum over k (in k order) with use_NK of w_nk * expert[id_nk](x_n)."""
+        """y_ND (float32) = sum over k (in k order) with use_NK of w_nk * expert[id_nk](x_n)."""
         return sum_in_k_order(self.weighted_expert_outputs(x_ND, topk_ids_NK, topk_weights_NK, use_NK))
 
     def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor | None:
@@ -167,14 +167,17 @@ class MoEBlock(nn.Module):
         if routing_out is not None:
             routing_out.append((topk_ids_TK, topk_weights_TK))
         use_TK = torch.ones_like(topk_ids_TK, dtype=torch.bool)
-        y_TD = self.local_weighted_sum(x_TD, topk_ids_TK, topk_weights_TK, use_TK)
+        y_TD = self.local_weighted_sum(x_TD, topk_ids_TK, topk_weights_TK, use_TK).to(x_TD.dtype)
         shared_TD = self.shared_output(x_TD)
         return y_TD if shared_TD is None else y_TD + shared_TD
 
 
 def sum_in_k_order(y_NKD: torch.Tensor) -> torch.Tensor:
-    """t_0 + t_1 + ... + t_{K-1}, left to right: the one order every rank and the reference use."""
-    y_ND = y_NKD[:, 0]
+    """t_0 + t_1 + ... + t_{K-1} accumulated in float32, left to right; the caller rounds once to the model
+    dtype. The terms are model-dtype values (bfloat16: 8 significant bits), so their float32 sum is exact unless
+    they span more than ~2^13 in magnitude: the result then does not depend on how the k terms are split into
+    partial sums on different ranks (comm/partial_sums.py sends float32 partials for k >= 3)."""
+    y_ND = y_NKD[:, 0].float()
     for k in range(1, y_NKD.shape[1]):
-        y_ND = y_ND + y_NKD[:, k]
+        y_ND = y_ND + y_NKD[:, k].float()
     return y_ND
