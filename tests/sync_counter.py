@@ -38,6 +38,12 @@ def _tensors(obj):
             yield from _tensors(o)
 
 
+def mark_host(t: torch.Tensor) -> torch.Tensor:
+    """Declare a tensor made before the counter started to be host data (e.g. the runner's CPU metadata)."""
+    setattr(t, _HOST, True)
+    return t
+
+
 def _is_host(t: torch.Tensor) -> bool:
     return getattr(t, _HOST, False)
 

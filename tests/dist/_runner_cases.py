@@ -40,6 +40,7 @@ class RunCase:
     transport: Transport = Transport.A2A
     capacity: int | None = None              # fixed transport: rows per peer (None: sized from each step)
     count_syncs: bool = False                # count the host syncs of every dispatch + combine (no debug checks)
+    dtype: str = "float32"                   # served (and reference) dtype
     extra: dict = field(default_factory=dict)
 
 
@@ -49,8 +50,8 @@ def run_runner_cases(topology, cases: list[RunCase]) -> list[dict]:
         runner = build_runner(case.ckpt, topology, strategy=case.strategy, placement=case.placement,
                               predictor_path=case.predictor_path, kv_cache_tokens=512, kv_block_size=4,
                               record_tokens=4096 if case.record else 0, check_splits=not case.count_syncs,
-                              transport=case.transport, capacity=case.capacity)
-        syncs = _count_syncs(runner.dispatcher) if case.count_syncs else None
+                              transport=case.transport, capacity=case.capacity, dtype=DTYPES[case.dtype])
+        syncs = _count_syncs(runner) if case.count_syncs else None
         gen = generate(runner, [list(p) for p in case.prompts], case.max_new_tokens, return_logits=True,
                        prefill_chunk=case.prefill_chunk, stagger=case.stagger)
         res = {"tokens": gen.tokens, "steps": gen.steps, "counters": runner.counters.to_rows(),
@@ -59,7 +60,7 @@ def run_runner_cases(topology, cases: list[RunCase]) -> list[dict]:
                "coherence_in_flight": 0 if runner.coherence is None else runner.coherence.in_flight,
                "retried_steps": runner.retried_steps, "syncs": syncs}
         if topology.rank == 0:
-            res["logits"] = [[t.numpy() for t in seq] for seq in gen.logits]
+            res["logits"] = [[t.float().numpy() for t in seq] for seq in gen.logits]
         if case.record:   # collective: every rank calls it; rank 0 writes the file
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "routing.npz"
@@ -70,38 +71,33 @@ def run_runner_cases(topology, cases: list[RunCase]) -> list[dict]:
     return out
 
 
-def _count_syncs(dispatcher) -> list:
-    """Wrap the dispatcher so each MoE layer's dispatch + combine records [step has prefill, syncs, ops]."""
-    from tests.sync_counter import SyncCounter
-    out, dispatch, combine = [], dispatcher.dispatch, dispatcher.combine
+def _count_syncs(runner) -> list:
+    """Wrap the runner so each decoder layer (attention, router, dispatch, experts, combine, shared expert)
+    records [step has prefill, syncs, ops]: the model side's syncs count against the dispatcher's budget."""
+    from tests.sync_counter import SyncCounter, mark_host
+    out, layer_step = [], runner._layer
 
-    def counted_dispatch(*args, **kwargs):
+    def counted_layer(layer, batch, held, *args, **kwargs):
+        mark_host(held.token_N)   # host metadata by construction (from the plan, or the transport's token_A)
         with SyncCounter() as s:
-            result = dispatch(*args, **kwargs)
-        out.append([kwargs["step_has_prefill"], s.count, s.ops])
+            result = layer_step(layer, batch, held, *args, **kwargs)
+        out.append([batch.has_prefill, s.count, s.ops])
         return result
 
-    def counted_combine(partial, handle):
-        with SyncCounter() as s:
-            result = combine(partial, handle)
-        out[-1][1] += s.count
-        out[-1][2] += s.ops
-        return result
-
-    dispatcher.dispatch, dispatcher.combine = counted_dispatch, counted_combine
+    runner._layer = counted_layer
     return out
 
 
-def reference(ckpt: Path, prompts, max_new_tokens: int):
+def reference(ckpt: Path, prompts, max_new_tokens: int, dtype: str = "float32"):
     """(tokens, logits) of the one-process model: greedy_reference's tokens, and for each new token the
     logits that produced it (one causal forward over prompt + new tokens)."""
-    model, _ = load_model(ckpt)
+    model, _ = load_model(ckpt, dtype=DTYPES[dtype])
     tokens = model.greedy_reference([list(p) for p in prompts], max_new_tokens)
     logits = []
     for p, new in zip(prompts, tokens):
         full = list(p) + new[:-1]
         logits_SV = model.forward_full(torch.tensor([full]))[0]
-        logits.append([logits_SV[len(p) - 1 + i].numpy() for i in range(len(new))])
+        logits.append([logits_SV[len(p) - 1 + i].float().numpy() for i in range(len(new))])
     return tokens, logits
 
 
@@ -120,6 +116,8 @@ def reference_routing(ckpt: Path, seqs) -> tuple[list[np.ndarray], list[np.ndarr
 PROMPTS = ((5, 6, 7, 8, 9, 10, 11), (12, 13), (3,), (40, 41, 42, 43, 44))
 NEW = 5
 STRATEGIES = (Strategy.TWO_A2A, Strategy.COHERENT)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WIDE_MODELS = ("qwen3_top8", "deepseek_v3")   # top-k >= 3 and MLA: every strategy, fp32 and bf16
 
 
 def random_placement(L: int, E: int, G: int, seed: int) -> Placement:
@@ -185,7 +183,7 @@ def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> li
     """The lossless grid for G ranks (``models``: name -> checkpoint dir, see tests/dist/conftest.py)."""
     cases = []
     for name, ckpt in models.items():
-        if name == "qwen3_top2" and G != 2:
+        if name == "qwen3_top2" and G != 2 or name in WIDE_MODELS:
             continue
         cfg = ModelConfig.from_dir(ckpt)
         L, E = cfg.num_moe_layers, cfg.num_experts
@@ -222,8 +220,31 @@ def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> li
                              PROMPTS, NEW, prefill_chunk=2, stagger=1))
         # one sequence, top-1: every decode step leaves at least G - 2 ranks with no token at all
         cases.append(RunCase(f"mixtral_top1/{strategy.value}/single", top1, strategy, PROMPTS[:1], NEW, record=True))
+    cases += wide_model_cases(models, G, gpus_per_node, work_dir)
     if G > 1:
         cases += transport_cases(models, G, gpus_per_node, work_dir)
+    return cases
+
+
+def wide_model_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> list[RunCase]:
+    """Top-8 Qwen3-MoE and DeepSeek-V3 (MLA, top-4): every strategy on a random placement in float32, the two
+    base strategies in bfloat16, and the transports with partial sums from several ranks per token."""
+    cases = []
+    for name in WIDE_MODELS:
+        ckpt = models[name]
+        cfg = ModelConfig.from_dir(ckpt)
+        placement = random_placement(cfg.num_moe_layers, cfg.num_experts, G, seed=G + 1)
+        predictor = build_predictor(ckpt, placement, work_dir / f"{name}-G{G}.predictor.npz")
+        for strategy in Strategy:
+            cases.append(RunCase(f"{name}/{strategy.value}/random", ckpt, strategy, PROMPTS, NEW, placement,
+                                 predictor_path=predictor if strategy.needs_predictor else None))
+        for strategy in STRATEGIES:
+            cases.append(RunCase(f"{name}/{strategy.value}/random[bf16]", ckpt, strategy, PROMPTS, NEW, placement,
+                                 dtype="bfloat16"))
+            if G > 1:
+                transport = Transport.NODE_AWARE if G // gpus_per_node > 1 else Transport.FIXED
+                cases.append(RunCase(f"{name}/{strategy.value}/chunked+staggered[{transport.value}]", ckpt, strategy,
+                                     PROMPTS, NEW, placement, prefill_chunk=3, stagger=2, transport=transport))
     return cases
 
 

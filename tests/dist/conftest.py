@@ -18,6 +18,10 @@ def dist_models(tiny_checkpoint) -> dict:
         # shared expert; dense first and last layers around one MoE layer (a trailing K/V group)
         "qwen2_dense_shared": tiny_checkpoint("qwen2_moe", mlp_only_layers=[0, 2]),
         "qwen3_top2": tiny_checkpoint("qwen3_moe"),
+        # top-k >= 3: partial sums from several ranks per token (16 experts: 4 per rank at 4 ranks)
+        "qwen3_top8": tiny_checkpoint("qwen3_moe", num_experts=16, num_experts_per_tok=8),
+        # MLA (latent K/V cache), sigmoid group-limited top-4 router, shared expert, a first dense layer
+        "deepseek_v3": tiny_checkpoint("deepseek_v3"),
     }
 
 

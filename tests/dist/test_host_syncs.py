@@ -1,5 +1,6 @@
-"""Device-to-host syncs per MoE layer on the decode path (dispatch + combine, every policy), counted on real
-ranks with tests/sync_counter.py: at most one with the counted transports (a2a, node_aware: the counts
+"""Device-to-host syncs per decoder layer on the decode path (the whole layer: attention over the paged cache,
+router, dispatch, grouped experts, combine, shared expert; every policy), counted on real ranks with
+tests/sync_counter.py. The model side adds none, so the budget is the transport's: at most one with the counted transports (a2a, node_aware: the counts
 exchange is read once), none with ``fixed`` when tokens stay home, and one with ``fixed`` when they move (the
 list of tokens that now live on the rank, which attention reads on the host)."""
 
