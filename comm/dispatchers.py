@@ -23,6 +23,7 @@ from comm.strategy import Strategy
 from comm.transport_base import Anchored, ExpertWork, Route
 from comm.transport_counted import CountedTransport
 from comm.transport_fixed import FixedTransport
+from comm.transport_local import SingleRankDispatcher
 from placement.errors import InputError
 from placement.transport import DEFAULT_CAPACITY_FACTOR, Transport
 
@@ -82,7 +83,7 @@ class Dispatcher:
 def make_dispatcher(strategy: Strategy, coll: Collectives, expert_to_rank_LE: torch.Tensor, *, top_k: int,
                     hidden_size: int, dtype: torch.dtype, transport: Transport = Transport.A2A,
                     capacity: int | None = None, capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
-                    predictor=None, anchors=None, check_splits: bool = False) -> Dispatcher:
+                    predictor=None, anchors=None, check_splits: bool = False) -> Dispatcher | SingleRankDispatcher:
     """The one place a (strategy, transport) pair is turned into behaviour. ``anchors``: an AnchorTable
     (coherent strategies); ``capacity``: rows per peer of the fixed transport (default: from each step)."""
     G, topo = coll.world_size, coll.topology
@@ -100,6 +101,8 @@ def make_dispatcher(strategy: Strategy, coll: Collectives, expert_to_rank_LE: to
         anchors.check_fits(e2r_LE.cpu().numpy(), G)
         anchor_score_LEG = torch.as_tensor(anchors.score_LEG, dtype=torch.long, device=topo.device)
     policy = POLICIES[strategy](rank=coll.rank, top_k=top_k, predictor=predictor, anchor_score_LEG=anchor_score_LEG)
+    if G == 1:
+        return SingleRankDispatcher(policy, transport, coll, e2r_LE)
     if transport is Transport.FIXED:
         mover = FixedTransport(coll, e2r_LE, top_k=top_k, hidden_size=hidden_size, dtype=dtype, capacity=capacity,
                                capacity_factor=capacity_factor)

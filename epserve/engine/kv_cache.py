@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -141,6 +142,15 @@ class BlockLedger:
         positions = positions.to(torch.long).cpu()
         return self.table(seq_id)[positions // self.block_size] * self.block_size + positions % self.block_size
 
+    def slot_range(self, seq_id: int, start: int, n: int) -> np.ndarray:
+        """Slots of positions [start, start + n) of a sequence (reserved), as host int64: plain integer math for
+        one decode position, one numpy gather for a prefill chunk (no torch call per sequence and step)."""
+        table, bs = self._tables[seq_id], self.block_size
+        if n == 1:
+            return np.array([table[start // bs] * bs + start % bs], dtype=np.int64)
+        pos = np.arange(start, start + n, dtype=np.int64)
+        return np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs
+
     @property
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
@@ -236,7 +246,7 @@ class KVStore:
             for s in seq_ids:
                 ledger.free(s)
 
-    def reserve_step(self, works) -> dict[int, torch.Tensor]:
+    def reserve_step(self, works) -> dict[int, np.ndarray]:
         """Reserve room for the tokens of every SeqWork (all or nothing, on every ledger); returns the slots of
         the sequences whose KV this rank holds: seq_id -> [n] slots of the step's new positions."""
         grow: dict[int, dict[int, int]] = {}
@@ -254,7 +264,7 @@ class KVStore:
         for owner, lengths in grow.items():
             self._ledger(owner).reserve(lengths, where=f"rank {owner}")
         mine = self.cache.ledger
-        return {w.seq_id: mine.slots(w.seq_id, torch.arange(w.start_pos, w.start_pos + len(w.token_ids)))
+        return {w.seq_id: mine.slot_range(w.seq_id, w.start_pos, len(w.token_ids))
                 for w in works if self.replicated or w.home_rank == self.rank}
 
     def stats(self) -> KVStats:

@@ -140,16 +140,16 @@ class Runner:
         raise RuntimeError(f"step {plan.step}: fixed buffers still overflowed after {MAX_STEP_TRIES} runs with "
                            f"doubling capacity (a capacity as large as the step's tokens cannot overflow: a bug)")
 
-    def _slot_T(self, batch: StepBatch, new_slots: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Cache slot of every step token (-1 where this rank does not hold the sequence's KV)."""
-        slot_T = torch.full((batch.num_tokens,), -1, dtype=torch.long)
+    def _slot_T(self, batch: StepBatch, new_slots: dict[int, np.ndarray]) -> torch.Tensor:
+        """Cache slot of every step token (-1 where this rank does not hold the sequence's KV), on the host."""
+        slot_T = np.full(batch.num_tokens, -1, dtype=np.int64)
         start = 0
         for work in batch.plan.work:   # a work's tokens are contiguous in the step
             end = start + len(work.token_ids)
             if work.seq_id in new_slots:
                 slot_T[start:end] = new_slots[work.seq_id]
             start = end
-        return slot_T
+        return torch.from_numpy(slot_T)
 
     def _start(self, batch: StepBatch, attempt: "_Attempt") -> _Held:
         prev_W = np.array([self._prev_rank.get(w.seq_id, -1) for w in batch.plan.work], dtype=np.int64)

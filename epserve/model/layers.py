@@ -44,9 +44,20 @@ class RotaryEmbedding(nn.Module):
         # Built on the CPU even under a meta-device context: it is computed, never loaded.
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._last = None
 
     def rope_cos_sin(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos_Td, sin_Td) in float32 for integer positions."""
+        """(cos_Td, sin_Td) in float32 for integer positions. The last result is kept for the same positions
+        tensor: every layer of a step passes the one tensor of its attention context (computed once, not per
+        layer)."""
+        last = self._last
+        if last is not None and last[0] is positions_T:
+            return last[1], last[2]
+        cos_Td, sin_Td = self._cos_sin(positions_T)
+        self._last = (positions_T, cos_Td, sin_Td)
+        return cos_Td, sin_Td
+
+    def _cos_sin(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_Th = positions_T[:, None].float() * self.inv_freq.to(positions_T.device)[None, :]
         emb_Td = torch.cat((freqs_Th, freqs_Th), dim=-1)
         return emb_Td.cos(), emb_Td.sin()

@@ -37,11 +37,17 @@ class MLARotary(nn.Module):
                                                         config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleave = config.rope_interleave
+        self._last = None
 
     def rope_cos_sin(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos_Th, sin_Th) in float32, one angle per rotated pair (h = r / 2)."""
+        """(cos_Th, sin_Th) in float32, one angle per rotated pair (h = r / 2); the last result is kept for the
+        same positions tensor (every layer of a step passes its attention context's one tensor)."""
+        if self._last is not None and self._last[0] is positions_T:
+            return self._last[1], self._last[2]
         freqs_Th = positions_T[:, None].float() * self.inv_freq.to(positions_T.device)[None, :]
-        return freqs_Th.cos() * self.attention_factor, freqs_Th.sin() * self.attention_factor
+        cos_Th, sin_Th = freqs_Th.cos() * self.attention_factor, freqs_Th.sin() * self.attention_factor
+        self._last = (positions_T, cos_Th, sin_Th)
+        return cos_Th, sin_Th
 
     def rotate(self, x_TXr: torch.Tensor, cos_Th: torch.Tensor, sin_Th: torch.Tensor) -> torch.Tensor:
         """Rotate each head's r dims. Interleaved pairs (x0, x1), (x2, x3)... (DeepSeek's layout) come out as
