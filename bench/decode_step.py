@@ -73,7 +73,7 @@ def worker(args) -> int:
     from comm.spawn import spawn_ranks
     model_dir = str(TREE / "epserve" / "assets" / "default_model")
     prompts = make_prompts(args.batch, 4096)
-    per_rank = spawn_ranks(rank_fn, RANKS, (model_dir, prompts, args.steps, tuple(args.strategies.split(","))),
+    per_rank = spawn_ranks(rank_fn, args.ranks, (model_dir, prompts, args.steps, tuple(args.strategies.split(","))),
                            timeout_s=args.timeout)
     out = {"epserve_file": epserve.__file__}
     for name in per_rank[0]:
@@ -89,7 +89,7 @@ def run_tree(tree: Path, args, out: Path) -> dict:
                PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-out", str(out), "--steps",
            str(args.steps), "--batch", str(args.batch), "--strategies", args.strategies, "--timeout",
-           str(args.timeout)]
+           str(args.timeout), "--ranks", str(args.ranks)]
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=args.timeout + 60)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {tree} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -104,7 +104,8 @@ def git(*argv: str) -> str:
 
 
 def write_report(out: Path, result: dict) -> None:
-    (out / "decode_step.json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = "decode_step" if result["setup"]["ranks"] == RANKS else f"decode_step_{result['setup']['ranks']}rank"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     s = result["setup"]
     lines = ["# Decode step time: reference commit against this tree, one run", "", s["summary"], "",
              f"| strategy | ref {s['ref']} ms/step (each round) | new {s['new']} ms/step (each round) | "
@@ -114,7 +115,7 @@ def write_report(out: Path, result: dict) -> None:
         lines.append(f"| {r['strategy']} | {r['ref_ms']:.1f} ({each('ref')}) | {r['new_ms']:.1f} ({each('new')}) | "
                      f"{r['ratio']:.2f}x | {r['same_tokens']} |")
     lines += ["", "Target: new / ref <= 0.5x.", ""]
-    (out / "decode_step.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24, help="decode steps per strategy (after one prefill)")
     p.add_argument("--warmup", type=int, default=4, help="decode steps left out of the median")
     p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--ranks", type=int, default=RANKS, help="gloo ranks (1: the data path alone, no collective)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--quick", action="store_true", help="1 round, 8 steps, 2 warm-up, batch 16")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per tree and round")
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         row["ratio"] = row["new_ms"] / row["ref_ms"]
         row["same_tokens"] = all(rnd["ref"][s]["tokens"] == rnd["new"][s]["tokens"] for rnd in rounds)
         rows.append(row)
-    summary = (f"{RANKS} gloo ranks on one 2-core CPU machine shared with other work (OMP_NUM_THREADS=1 and one "
+    summary = (f"{args.ranks} gloo rank(s) on one 2-core CPU machine shared with other work (OMP_NUM_THREADS=1 and one "
                f"torch thread per rank), the bundled default model (tiny Mixtral: 6 MoE layers, 16 experts, top-2, "
                f"hidden 128, float32 in both trees), contiguous placement, a2a transport. Batch {args.batch}: one "
                f"prefill step of {args.batch} random prompts (4-16 tokens, seed 0; not timed), then {args.steps} "
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
                f"round: ref, then new). ref = `git worktree` of {ref_sha}, new = {new_tree.name} at {new_desc}; "
                f"the same measuring code runs under each (PYTHONPATH = the tree). Same tokens: greedy ids of every "
                f"sequence equal between the two trees.")
-    result = {"setup": {"ref": ref_sha, "new": new_desc, "ranks": RANKS, "batch": args.batch, "steps": args.steps,
+    result = {"setup": {"ref": ref_sha, "new": new_desc, "ranks": args.ranks, "batch": args.batch, "steps": args.steps,
                         "warmup": args.warmup, "rounds": args.rounds, "summary": summary,
                         "run_s": time.perf_counter() - t0},
               "rows": rows,

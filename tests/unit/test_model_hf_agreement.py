@@ -141,3 +141,29 @@ def test_bfloat16_is_bitwise_transformers_eager(tiny_checkpoint, case):
     with torch.no_grad():
         ref_BSV = hf(input_ids=ids_BS, attention_mask=mask_BS).logits
     assert torch.equal(ours.forward_full(ids_BS, mask_BS)[mask_BS.bool()], ref_BSV[mask_BS.bool()])
+
+
+# ---- bfloat16 -------------------------------------------------------------------------------------------------
+# transformers 5.x runs experts with grouped_mm and sums the k weighted outputs in float32 before one rounding,
+# as we do; with its eager attention our bfloat16 logits are then the same bits for the families whose router
+# weights are cast to the model dtype. Mixtral and DeepSeek keep float32 weighted outputs until that sum (we
+# round each weighted output to bfloat16 first, so a top-2 partial sum can cross the network in bfloat16), and
+# DeepSeek's absorbed MLA rounds differently from the expanded form: those agree within bfloat16 rounding only.
+BF16_BITWISE = ["qwen2-top2-shared-dense", "qwen3-top2-norm", "qwen3-top8", "olmoe-top2"]
+
+
+@pytest.mark.parametrize("case", BF16_BITWISE)
+def test_bfloat16_logits_are_transformers_bits(tiny_checkpoint, case):
+    from transformers import AutoModelForCausalLM
+
+    family, overrides = CASES[case]
+    ckpt = tiny_checkpoint(family, **overrides)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    ours = load_model(ckpt, dtype=torch.bfloat16)[0]
+    ids_BS, mask_BS = _batch()
+    with torch.no_grad():
+        ref_BSV = hf(input_ids=ids_BS, attention_mask=mask_BS).logits
+    got_BSV = ours.forward_full(ids_BS, mask_BS)
+    valid = mask_BS.bool()
+    assert got_BSV.dtype == torch.bfloat16
+    assert torch.equal(got_BSV[valid], ref_BSV[valid]), case
