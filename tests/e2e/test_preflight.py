@@ -59,3 +59,22 @@ def test_broken_checkpoint_starts_nothing(tmp_path):
     assert out.stderr.strip().startswith(f"epserve serve: error: {bad / 'model.safetensors'}: not a readable "
                                          f"safetensors file")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("change, dtype, message", [
+    ({"dtype": "bfloat16"}, "float16", "--dtype float16 cannot hold this bfloat16 checkpoint's range"),
+    ({"model_type": "llama"}, "auto", "model_type 'llama' is not supported"),
+    ({"model_type": "deepseek_v3", "n_routed_experts": 16, "n_group": 3}, "auto",
+     "n_routed_experts=16 is not divisible by n_group=3"),
+])
+def test_bad_model_or_dtype_starts_nothing(tmp_path, change, dtype, message):
+    import json
+    bad = tmp_path / "model_to_refuse"
+    shutil.copytree(DEFAULT, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config.update(change)
+    (bad / "config.json").write_text(json.dumps(config))
+    out = _serve("--model", str(bad), "--nproc-per-node", "2", "--dtype", dtype, marker=str(bad))
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("epserve serve: error: ") and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
