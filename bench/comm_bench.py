@@ -12,12 +12,21 @@
        with the same weights, gate and 64-token batch; outputs compared
     --> bench/results/comm_bench.json + comm_bench.md (ratios against two_a2a + contiguous of the same run)
 
+    --family deepseek_v3: A only, on a DeepSeek-V3-family checkpoint with the same MoE dimensions (8 MoE layers,
+       64 routed experts, top-6, hidden 256; + 1 shared expert, no dense layer) whose MLA K/V row is one latent
+       [kv_lora_rank 16 + qk_rope_head_dim 4] = 20 values per token-layer, 12.8x narrower than the hidden state
+       (DeepSeek-V3: 576 vs 7168, 12.4x), vs Mixtral's 4 KV heads x (32 + 32) = 256 values.
+       B is skipped (the Mixtral top-2 predictor study), C too (DeepSpeed-MoE's softmax gate is not DeepSeek's
+       sigmoid group-limited router) --> bench/results/comm_bench_deepseek_v3.json + .md
+
 Run:  nice -n 10 python bench/comm_bench.py [--world-size 4] [--repeats 5] [--no-deepspeed]
+                                            [--family {mixtral,deepseek_v3}]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -46,6 +55,13 @@ MODEL = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_ke
              intermediate_size=256, num_local_experts=64, num_experts_per_tok=6, vocab_size=512,
              max_position_embeddings=64)                      # A and C: the FLAME trace's 64 experts, top-6
 MODEL_B = dict(MODEL, num_local_experts=32, num_experts_per_tok=2)   # B: Mixtral-like top-2 routing
+# --family deepseek_v3, A only: the same MoE dimensions (every layer MoE; the forced routing replaces the sigmoid
+# group-limited router's choices, so one group), MLA with a latent 12.8x narrower than the hidden state
+MODEL_DSV3 = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                  intermediate_size=256, moe_intermediate_size=256, n_routed_experts=64, num_experts_per_tok=6,
+                  n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=32,
+                  kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, vocab_size=512,
+                  max_position_embeddings=64)
 
 
 @dataclass(frozen=True)
@@ -73,12 +89,14 @@ class Spec:
     layer_iters: int = 0
 
 
-def build_checkpoint(out: Path, model: dict) -> Path:
+def build_checkpoint(out: Path, model: dict, family: str = "mixtral") -> Path:
     from tests.tiny_models import make_tiny_checkpoint
-    key = "mixtral-" + "-".join(f"{k}{v}" for k, v in sorted(model.items()))
+    key = f"{family}-" + "-".join(f"{k}{v}" for k, v in sorted(model.items()))
+    if len(key) > 200:   # a file name holds 255 bytes: the DeepSeek key is hashed
+        key = f"{family}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     path = out / "tmp" / key
     if not (path / "config.json").is_file():
-        make_tiny_checkpoint("mixtral", path, seed=0, **model)
+        make_tiny_checkpoint(family, path, seed=0, **model)
     return path
 
 
@@ -214,6 +232,8 @@ def decode_figures(per_rank: list[list[dict]], spec: Spec, G: int, L: int) -> tu
             "a2a_splits_per_layer": c.total(CollKind.A2A_SPLITS).calls / (steps * L),
             "kv_entry_copies_per_token_layer": kv.rows / token_layers,
             "kv_copy_bytes_per_token": kv.payload_bytes / (seqs * steps),
+            "kv_payload_bytes_per_token_layer": kv.payload_bytes / token_layers,
+            "kv_wire_bytes_per_token_layer": kv.wire_bytes / token_layers,
             "all_payload_bytes_per_token_layer": (a2a.payload_bytes + kv.payload_bytes) / token_layers,
             "sampled_id_wire_bytes_per_step": c.total(CollKind.ALL_GATHER, phase="sampled_ids").wire_bytes / steps,
             "kv_used_bytes_per_rank_max": max(per_rank[r][i]["kv_used_bytes"] for r in range(G)),
@@ -260,28 +280,32 @@ def layer_figures(per_rank: list[dict], G: int, E: int) -> dict:
 
 def _decode_table(rows: list[dict]) -> list[str]:
     lines = ["| config | transfers/token-layer (vs base) | hidden B/token-layer | data a2a/layer | count a2a/layer | "
-             "KV copies/token-layer | hidden+KV B/token-layer (vs base) | KV used B/rank | decode tok/s median "
-             "(vs base) | decode tok/s best (vs base) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "KV copies/token-layer | KV B/token-layer | hidden+KV B/token-layer (vs base) | KV used B/rank | "
+             "decode tok/s median (vs base) | decode tok/s best (vs base) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['transfers_per_token_layer']:.3f} ({r['transfers_ratio_vs_baseline']:.3f}) | "
                      f"{r['payload_bytes_per_token_layer']:.0f} | {r['data_all_to_alls_per_layer']:.2f} | "
                      f"{r['a2a_splits_per_layer']:.2f} | {r['kv_entry_copies_per_token_layer']:.2f} | "
-                     f"{r['all_payload_bytes_per_token_layer']:.0f} ({r['all_bytes_ratio_vs_baseline']:.3f}) | "
+                     f"{r['kv_payload_bytes_per_token_layer']:.0f} | {r['all_payload_bytes_per_token_layer']:.0f} ({r['all_bytes_ratio_vs_baseline']:.3f}) | "
                      f"{r['kv_used_bytes_per_rank_max']} | {r['decode_tokens_per_s']:.1f} "
                      f"({r['speed_ratio_vs_baseline']:.2f}) | {r['decode_tokens_per_s_best']:.1f} "
                      f"({r['best_speed_ratio_vs_baseline']:.2f}) |")
     return lines
 
 
-def write_report(out: Path, result: dict) -> None:
+def write_report(out: Path, result: dict, stem: str = "comm_bench") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comm_bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     setup = result["setup"]
-    lines = [f"# EP communication benchmark ({setup['world_size']} gloo ranks, one CPU machine)", "",
+    family = setup.get("family", "mixtral")
+    family = "" if family == "mixtral" else f", {family}"
+    lines = [f"# EP communication benchmark ({setup['world_size']} gloo ranks, one CPU machine{family})", "",
              setup["summary"], ""]
     for key, title in (("flame", "A. Routing forced from the real FLAME-MoE-290M trace"),
                        ("natural", "B. The model's own routing, with speculative strategies")):
+        if key not in result:
+            continue
         sec = result[key]
         lines += [f"## {title}", "", sec["about"], ""] + _decode_table(sec["rows"])
         lines += ["", f"Output tokens identical across all configs and ranks: {sec['tokens_identical']}", ""]
@@ -304,7 +328,8 @@ def write_report(out: Path, result: dict) -> None:
             x = lay[name]
             lines.append(f"| ours {name} | {x['s_per_layer'] * 1e3:.2f} | {x['transfers_per_call']:.0f} | "
                          f"{x['max_abs_diff_vs_deepspeed']:.2e} |")
-    (out / "comm_bench.md").write_text("\n".join(lines) + "\n")
+    lines += [f"Skipped: {why}" for why in setup.get("skipped", ())]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def flame_section(ckpt: Path, cluster: ClusterShape, args) -> tuple[Spec, str]:
@@ -378,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layer-iters", type=int, default=30)
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument("--family", choices=("mixtral", "deepseek_v3"), default="mixtral",
+                   help="deepseek_v3: part A only, on a DeepSeek-V3-family (MLA) checkpoint of the same MoE sizes")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     G = args.world_size
@@ -385,11 +412,14 @@ def main(argv=None) -> int:
         print(f"comm_bench: the FLAME trace is missing ({TRACE})", file=sys.stderr)
         return 2
     t0 = time.time()
+    if args.family == "deepseek_v3":
+        return _main_deepseek(args, t0)
     ckpt, ckpt_b = build_checkpoint(args.out, MODEL), build_checkpoint(args.out, MODEL_B)
     cluster = ClusterShape(gpus_per_node=G)
     L = MODEL["num_hidden_layers"]
-    result = {"setup": {"world_size": G, "model": MODEL, "model_b": MODEL_B, "trace": str(TRACE),
-                        "repeats": args.repeats, "layer_iters": args.layer_iters, "torch": torch.__version__,
+    result = {"setup": {"family": "mixtral", "world_size": G, "model": MODEL, "model_b": MODEL_B,
+                        "trace": str(TRACE), "repeats": args.repeats, "layer_iters": args.layer_iters,
+                        "torch": torch.__version__, **_kv_row_setup(ckpt),
                         "summary": SUMMARY.format(G=G, R=args.repeats)}}
     flame, about = flame_section(ckpt, cluster, args)
     rows, same = decode_figures(spawn_ranks(decode_rank, G, (flame,), timeout_s=3000), flame, G, L)
@@ -404,6 +434,58 @@ def main(argv=None) -> int:
     write_report(args.out, result)
     print((args.out / "comm_bench.md").read_text())
     return 0
+
+
+def _kv_row_setup(ckpt: Path) -> dict:
+    """The K/V row coherent EP copies per token-layer: (heads, key width, value width) and its size."""
+    from epserve.model.config import ModelConfig
+    cfg = ModelConfig.from_dir(ckpt)
+    return {"kv_row": list(cfg.kv_row), "kv_values_per_token_layer": cfg.kv_values_per_token_layer,
+            "hidden_over_kv_row": cfg.hidden_size / cfg.kv_values_per_token_layer}
+
+
+def _main_deepseek(args, t0: float) -> int:
+    """--family deepseek_v3: part A on the MLA checkpoint; B and C are skipped (see the module docstring)."""
+    from epserve.model.config import ModelConfig
+    G = args.world_size
+    ckpt = build_checkpoint(args.out, MODEL_DSV3, "deepseek_v3")
+    cfg = ModelConfig.from_dir(ckpt)
+    cluster = ClusterShape(gpus_per_node=G)
+    heads, k, v = cfg.kv_row
+    kv = _kv_row_setup(ckpt)
+    skipped = ["B (the model's own routing, speculative strategies) is a Mixtral top-2 predictor study; not run "
+               "for deepseek_v3.",
+               "C (DeepSpeed-MoE vs ours on one layer) compares against DeepSpeed's softmax top-k gate, which is "
+               "not DeepSeek-V3's sigmoid group-limited router (+ shared expert); not run for deepseek_v3."]
+    result = {"setup": {"family": "deepseek_v3", "world_size": G, "model": MODEL_DSV3, "trace": str(TRACE),
+                        "repeats": args.repeats, "torch": torch.__version__, **kv, "skipped": skipped,
+                        "summary": SUMMARY_DSV3.format(G=G, R=args.repeats, heads=heads, k=k, v=v,
+                                                       kv=kv["kv_values_per_token_layer"],
+                                                       ratio=kv["hidden_over_kv_row"], **MODEL_DSV3)}}
+    flame, about = flame_section(ckpt, cluster, args)
+    about += (" The forced weights are the trace's as they are (the sigmoid router, its group limit and "
+              "routed_scaling_factor are bypassed); the shared expert runs wherever the token is, moving nothing.")
+    rows, same = decode_figures(spawn_ranks(decode_rank, G, (flame,), timeout_s=3000), flame, G,
+                                cfg.num_moe_layers)
+    result["flame"] = {"about": about, "rows": rows, "tokens_identical": same}
+    result["setup"]["wall_s"] = time.time() - t0
+    write_report(args.out, result, "comm_bench_deepseek_v3")
+    print((args.out / "comm_bench_deepseek_v3.md").read_text())
+    return 0
+
+
+SUMMARY_DSV3 = ("Model: DeepSeek-V3-family, {num_hidden_layers} layers all MoE (first_k_dense_replace 0), "
+                "{n_routed_experts} routed experts, top-{num_experts_per_tok}, {n_shared_experts} shared expert, "
+                "moe_intermediate {moe_intermediate_size}, hidden {hidden_size}, {num_attention_heads} heads, MLA "
+                "(q_lora_rank {q_lora_rank}, kv_lora_rank {kv_lora_rank}, qk_rope {qk_rope_head_dim}, qk_nope "
+                "{qk_nope_head_dim}, v_head {v_head_dim}), random weights (float32). K/V row per token-layer "
+                "(heads, key width, value width) = ({heads}, {k}, {v}): ONE latent row of {kv} values "
+                "({kv_lora_rank} latent + {qk_rope_head_dim} rotary key), hidden/row = {ratio:.1f}x (DeepSeek-V3: "
+                "7168/576 = 12.4x; the Mixtral run's row is 4 x (32 + 32) = 256 values = the hidden size). "
+                "{G} EP ranks over gloo on one 2-core CPU machine shared with other work: decode speeds are medians "
+                "of {R} runs taken round-robin over the configs, and are dominated by Python and loopback latency, "
+                "not bandwidth; the counts (transfers, bytes, collectives) are exact. Ratios are against two_a2a + "
+                "contiguous in the same run.")
 
 
 SUMMARY = ("Model: Mixtral-family, 8 MoE layers, 64 experts, top-6 (B: 32 experts, top-2), hidden 256, 8 heads "
