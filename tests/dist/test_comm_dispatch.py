@@ -50,7 +50,8 @@ def test_dispatch_combine_matches_one_process_sum(dist_grid, G):
         if "overflows" in case.name and G > 1:   # some rank had more rows for a peer than fit: flagged, not lost
             assert any(overflow) and case.transport is Transport.FIXED, case.name
             continue
-        assert overflow == [None if case.transport is not Transport.FIXED else False] * G, case.name
+        # one rank has no buffer to overflow (comm/transport_local.py): no flag at all
+        assert overflow == [None if case.transport is not Transport.FIXED or G == 1 else False] * G, case.name
         seen = {}
         for r in range(G):
             res = per_rank[r][i]
