@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from epserve.engine.api import Delta, FinishReason, GenerationRequest
 
@@ -65,6 +66,12 @@ class Stream:
         self._on_cancel = on_cancel
         self._closed = False      # a final delta was queued (event-loop thread only)
         self._cancelled = False
+        # coalesce: the reader wants the whole answer only (a non-streamed request without stop strings), so
+        # the ids of non-final deltas are kept here and handed over with the final one: one wake-up of the
+        # reader per request instead of one per token (event-loop thread only)
+        self.coalesce = False
+        self.first_token_at: float | None = None   # time.monotonic() of the first id's arrival
+        self._held: list[int] = []
 
     # ---- engine thread -------------------------------------------------------------------------------------
     def push_threadsafe(self, delta: Delta) -> None:
@@ -79,7 +86,14 @@ class Stream:
         """On the stream's loop (the engine batches a step's deltas into one thread-safe call)."""
         if self._closed:
             return
+        if delta.token_ids and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self._closed = delta.finish_reason is not None
+        if self.coalesce:
+            self._held.extend(delta.token_ids)
+            if not self._closed:
+                return
+            delta = replace(delta, token_ids=tuple(self._held))
         self._queue.put_nowait(delta)
 
     def cancel(self) -> None:

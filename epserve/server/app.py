@@ -182,7 +182,10 @@ class _Server:
             for i, (ids, max_tokens, sampling) in enumerate(zip(job.prompts, job.max_tokens, job.sampling)):
                 request = GenerationRequest(request_id=f"{job.rid}-{i}", prompt_ids=ids, max_tokens=max_tokens,
                                             sampling=sampling, ignore_eos=job.ignore_eos)
-                streams.append(TextStream(i, self.engine.submit(request), self.tokenizer, job.stops,
+                stream = self.engine.submit(request)
+                # the whole answer at once: no per-token hand-over (stop strings need the text as it comes)
+                stream.coalesce = not job.stream and not job.stops
+                streams.append(TextStream(i, stream, self.tokenizer, job.stops,
                                           arrived=job.arrived, on_tokens=self.metrics.generation_tokens.inc,
                                           on_finish=self.metrics.observe_finish))
                 self.metrics.prompt_tokens.inc(len(ids))

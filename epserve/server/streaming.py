@@ -40,10 +40,12 @@ class Timing:
     last_token: float | None = None
     tokens: int = 0
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, *, first_at: float | None = None) -> None:
+        """``n`` ids arrived now; ``first_at``: when the first of them reached the server, if earlier (a
+        stream that hands its ids over at the end)."""
         t = time.monotonic()
         if self.first_token is None:
-            self.first_token = t
+            self.first_token = t if first_at is None else first_at
         self.last_token, self.tokens = t, self.tokens + n
 
 
@@ -85,7 +87,7 @@ class TextStream:
     def _step(self, delta: Delta) -> TextEvent | None:
         text, used = self._text_of(delta.token_ids)
         if used:
-            self.timing.add(used)
+            self.timing.add(used, first_at=getattr(self.stream, "first_token_at", None))
             self._on_tokens(used)
         if self._stop.stopped:
             self.stream.cancel()
