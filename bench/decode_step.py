@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, result)
-    print((out / "decode_step.md").read_text())
+    stem = "decode_step" if args.ranks == RANKS else f"decode_step_{args.ranks}rank"
+    print((out / f"{stem}.md").read_text())
     return 0
 
 
