@@ -23,7 +23,7 @@ from comm.strategy import Strategy
 from comm.transport_base import Anchored, ExpertWork, Route
 from comm.transport_counted import CountedTransport
 from comm.transport_fixed import FixedTransport
-from comm.transport_local import SingleRankDispatcher
+from comm.transport_local import LocalTransport
 from placement.errors import InputError
 from placement.transport import DEFAULT_CAPACITY_FACTOR, Transport
 
@@ -65,6 +65,8 @@ class Dispatcher:
                  num_step_tokens: int, held_bound: int | None = None):
         """Send the held tokens (step-local indices ``token_N_host``, ascending, on the host) to their expert
         ranks. ``held_bound``: no rank holds more tokens at this layer (default: the step's tokens)."""
+        if isinstance(self.transport, LocalTransport):   # one rank: no route to plan, nothing moves
+            return self.transport.dispatch_local(x_ND, token_N_host, topk_ids_NK, topk_weights_NK)
         token_N = token_N_host.to(x_ND.device)
         rank_NK = expert_ranks_NK(self.expert_to_rank_LE[layer], topk_ids_NK)
         anchor_N = self.policy.anchor_N(rank_NK, topk_ids_NK, is_prefill_N, layer=layer)
@@ -83,7 +85,7 @@ class Dispatcher:
 def make_dispatcher(strategy: Strategy, coll: Collectives, expert_to_rank_LE: torch.Tensor, *, top_k: int,
                     hidden_size: int, dtype: torch.dtype, transport: Transport = Transport.A2A,
                     capacity: int | None = None, capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
-                    predictor=None, anchors=None, check_splits: bool = False) -> Dispatcher | SingleRankDispatcher:
+                    predictor=None, anchors=None, check_splits: bool = False) -> Dispatcher:
     """The one place a (strategy, transport) pair is turned into behaviour. ``anchors``: an AnchorTable
     (coherent strategies); ``capacity``: rows per peer of the fixed transport (default: from each step)."""
     G, topo = coll.world_size, coll.topology
@@ -102,8 +104,8 @@ def make_dispatcher(strategy: Strategy, coll: Collectives, expert_to_rank_LE: to
         anchor_score_LEG = torch.as_tensor(anchors.score_LEG, dtype=torch.long, device=topo.device)
     policy = POLICIES[strategy](rank=coll.rank, top_k=top_k, predictor=predictor, anchor_score_LEG=anchor_score_LEG)
     if G == 1:
-        return SingleRankDispatcher(policy, transport, coll, e2r_LE)
-    if transport is Transport.FIXED:
+        mover = LocalTransport()
+    elif transport is Transport.FIXED:
         mover = FixedTransport(coll, e2r_LE, top_k=top_k, hidden_size=hidden_size, dtype=dtype, capacity=capacity,
                                capacity_factor=capacity_factor)
     else:
