@@ -6,7 +6,9 @@
         --> Placement(solver={name, options, status, time_s, cpu_s, ...}, objective={value, upper_bound, gap})
 
 Every solver maximises the same objective (stats.py) and reports an upper bound valid for every placement,
-so its optimality gap is known. Shapes: L layers, E experts, G GPUs.
+so its optimality gap is known. A bound below the objective of the placement it came with is a bug in that
+solver: ``solve`` raises ``BoundError`` (naming the solver, the value and the bound) instead of hiding it.
+Shapes: L layers, E experts, G GPUs.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ class SolveOptions:
             self.progress(message)
 
 
+class BoundError(RuntimeError):
+    """A solver reported an upper bound below the objective of its own placement (a bug, never clamped)."""
+
+
+# Rounding allowance when comparing a bound with the objective: both are float64 sums of the same weights.
+BOUND_RTOL = 1e-9
+
+
 @dataclass(frozen=True)
 class SolverResult:
     expert_to_gpu_LE: np.ndarray
@@ -87,13 +97,21 @@ def solve(stats: TraceStats, cluster: ClusterShape, options: SolveOptions = Solv
     result = _solver_function(options.solver)(stats, cluster, options)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     value = objective(stats, result.expert_to_gpu_LE, cluster)
-    bound = max(result.upper_bound, value)
+    bound = float(result.upper_bound)
+    check_bound(options.solver.value, value, bound)
     gap = (bound - value) / bound if bound > 0 else 0.0
     solver = {"name": options.solver.value, "options": options.to_dict(), "status": result.status,
               "time_s": round(wall, 3), "cpu_s": round(cpu, 3), **result.extra}
     objective_dict = {"value": value, "upper_bound": bound, "gap": gap, "per_token": value / max(stats.num_tokens, 1),
                       "surrogate": stats.options.to_dict()}
     return Placement(np.asarray(result.expert_to_gpu_LE, dtype=np.int64), cluster, solver, objective_dict)
+
+
+def check_bound(name: str, value: float, bound: float) -> None:
+    """Raise ``BoundError`` unless ``bound`` >= ``value`` (up to float64 rounding of sums of the same weights)."""
+    if not np.isfinite(bound) or bound < value - BOUND_RTOL * max(abs(value), 1.0):
+        raise BoundError(f"solver {name} reported upper bound {bound!r} below its objective {value!r} "
+                         f"(by {value - bound:.6g}): the bound is wrong")
 
 
 def _solver_function(kind: SolverKind) -> Callable[[TraceStats, ClusterShape, SolveOptions], SolverResult]:

@@ -11,6 +11,8 @@ a column is what one GPU holds: one subset per layer (c_L). Its value v(c) is th
         box-step bundle: min sum(pi) + G t  s.t. pi(c) + t >= v(c) for known columns, |pi - centre| <= delta
                  (HiGHS LP via scipy); price at its solution, add the best columns, move the centre when
                  UB drops enough, shrink/grow the box
+    the reported bound: UB(pi) at the best pi, priced once more in float64 (the search prices with float32
+                 tables to save memory, whose rounding could put a bound a hair below the optimum)
     integer master over all generated columns (PuLP: HiGHS through highspy, else CBC)   -> incumbent
     status "optimal" when (UB - incumbent) / UB <= gap_tolerance, else "gap"
 
@@ -35,7 +37,7 @@ from scipy.sparse import csr_matrix
 from placement.cluster import ClusterShape
 from placement.solvers import SolveOptions, SolverResult
 from placement.solvers.local import solve_local
-from placement.stats import TraceStats, objective_upper_bound
+from placement.stats import TraceStats, objective, objective_upper_bound
 
 MAX_SUBSETS = 2500          # [S, S] float32 pair tables per layer pair stay under ~25 MB
 COLUMNS_PER_PRICING = 30
@@ -85,6 +87,17 @@ class _ColumnModel:
             cols.append(tuple(col[::-1]))
         return float(best_S.max()), cols
 
+    def price_exact(self, pi_LE: np.ndarray, stats: TraceStats) -> float:
+        """max_c v(c) - pi(c) in float64, one [S, S] pair table at a time (the bound's last evaluation)."""
+        member_SE = self.member_SE.astype(np.float64)
+        node_LS = [0.5 * np.einsum("se,ef,sf->s", member_SE, stats.coact_LEE[l], member_SE) - member_SE @ pi_LE[l]
+                   for l in range(self.L)]
+        best_S = node_LS[0]
+        for l in range(self.L - 1):
+            pair_SS = member_SE @ stats.affinity_LEE[l] @ member_SE.T
+            best_S = (best_S[:, None] + pair_SS).max(axis=0) + node_LS[l + 1]
+        return float(best_S.max())
+
 
 def solve_ilp(stats: TraceStats, cluster: ClusterShape, options: SolveOptions) -> SolverResult:
     start = time.perf_counter()
@@ -109,13 +122,14 @@ def solve_ilp(stats: TraceStats, cluster: ClusterShape, options: SolveOptions) -
         columns[col] = model.value(col)
     incumbent = sum(columns.values())
     options.report(f"ilp: {n_subsets} subsets per layer; warm start objective {incumbent:.1f}")
-    bound, iterations = _bundle(model, columns, incumbent, options, deadline - 0.15 * options.time_limit)
-    bound = min(bound, objective_upper_bound(stats, cluster))
+    _, pi_LE, iterations = _bundle(model, columns, incumbent, options, deadline - 0.15 * options.time_limit)
+    bound = min(_exact_bound(model, stats, pi_LE), objective_upper_bound(stats, cluster))
     p_LE, master_value, master_status = _integer_master(model, columns, max(deadline - time.perf_counter(), 1.0))
     if master_value > incumbent + 1e-9:
         incumbent = master_value
     else:
         p_LE = warm.expert_to_gpu_LE
+    incumbent = objective(stats, p_LE, cluster)     # exact (the column values are float32 sums)
     gap = (bound - incumbent) / bound if bound > 0 else 0.0
     status = "optimal" if gap <= options.gap_tolerance + 1e-12 else "gap"
     options.report(f"ilp: objective {incumbent:.1f}, upper bound {bound:.1f}, gap {100 * gap:.3f}% ({status})")
@@ -123,9 +137,18 @@ def solve_ilp(stats: TraceStats, cluster: ClusterShape, options: SolveOptions) -
                                               "master": master_status, "subsets_per_layer": n_subsets})
 
 
+def _exact_bound(model: _ColumnModel, stats: TraceStats, pi_LE: np.ndarray) -> float:
+    """UB(pi) = sum(pi) + G * max(0, max_c v(c) - pi(c)), priced in float64, plus a margin for float64
+    rounding (1e-12 of the magnitudes summed), so it holds for every placement."""
+    best = model.price_exact(pi_LE, stats)
+    magnitude = float(np.abs(pi_LE).sum() + model.G * abs(best) + stats.affinity_LEE.sum() + stats.coact_LEE.sum())
+    return float(pi_LE.sum() + model.G * max(best, 0.0)) + 1e-12 * magnitude
+
+
 def _bundle(model: _ColumnModel, columns: dict, incumbent: float, options: SolveOptions,
-            deadline: float) -> tuple[float, int]:
-    """Box-step bundle method on the Lagrangian dual; returns the best upper bound found."""
+            deadline: float) -> tuple[float, np.ndarray, int]:
+    """Box-step bundle method on the Lagrangian dual; returns the best upper bound found (float32 pricing),
+    the multipliers pi [L, E] that gave it, and the iterations run."""
     L, E, G = model.L, model.E, model.G
     centre_LE = np.zeros((L, E))
     for col, v in columns.items():            # start: each column's value shared by the cells it covers
@@ -157,7 +180,7 @@ def _bundle(model: _ColumnModel, columns: dict, incumbent: float, options: Solve
         if iterations % 10 == 0:
             options.report(f"ilp: bound {best_ub:.1f} vs objective {incumbent:.1f} after {iterations} "
                            f"iterations, {len(columns)} columns")
-    return best_ub, iterations
+    return best_ub, centre_LE, iterations
 
 
 def _box_lp(model: _ColumnModel, columns: dict, centre_LE: np.ndarray, delta: float) -> tuple[np.ndarray, float]:
