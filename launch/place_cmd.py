@@ -34,6 +34,7 @@ from placement.report import comparison_rows, file_sha256, format_table
 from placement.simulate import SimOptions, Strategy, simulate
 from placement.transport import Transport
 from placement.solvers import SolveOptions, SolverKind, solve
+from placement.solvers.shrinkage import choose_shrink
 from placement.stats import StatsOptions, compute_stats, objective, objective_upper_bound
 from placement.trace import RoutingTrace
 
@@ -54,6 +55,11 @@ def register(subparsers) -> None:
                        help="weight of a pair of choices in slots (s, d) is SLOT_DECAY ** (s + d)")
     place.add_argument("--coact-weight", type=float, default=StatsOptions().coact_weight,
                        help="weight of intra-layer co-activation relative to inter-layer affinity")
+    place.add_argument("--shrink", default="0", type=_shrink_arg, metavar="auto|A",
+                       help="shrink pair counts toward the product of their marginals by A in [0, 1] (noisy "
+                            "statistics from few tokens); auto: choose A by 3-fold cross-validation inside the fit "
+                            "part (15 small solves). Default 0: on the FLAME trace auto gained nothing beyond "
+                            "noise (bench/results/placement_bench.md)")
     place.add_argument("--intra-node-cost", type=float, default=1.0, help="relative cost of an intra-node transfer")
     place.add_argument("--inter-node-cost", type=float, default=4.0, help="relative cost of an inter-node transfer")
     place.add_argument("--refine", action="store_true",
@@ -108,13 +114,20 @@ def run_place(args) -> int:
                            intra_node_cost=args.intra_node_cost, inter_node_cost=args.inter_node_cost)
     trace = RoutingTrace.load(args.trace, num_experts=args.num_experts)
     fit, evaluate = _split(trace, args.held_out)
-    stats = compute_stats(fit, StatsOptions(slot_decay=args.slot_decay, coact_weight=args.coact_weight))
+    stats_options = StatsOptions(slot_decay=args.slot_decay, coact_weight=args.coact_weight)
+    progress = _progress()
+    shrink = {"strength": args.shrink, "chosen_by": "--shrink"}
+    if args.shrink == "auto":
+        progress("shrink: choosing the strength by cross-validation on the fit part")
+        shrink = choose_shrink(fit, cluster, stats_options).to_dict()
+        progress(f"shrink: {shrink['strength']} ({shrink['chosen_by']})")
+    stats = compute_stats(fit, dataclasses.replace(stats_options, shrink=shrink["strength"]))
     options = SolveOptions(solver=SolverKind.parse(args.solver), time_limit=args.time_limit, seed=args.seed,
-                           restarts=args.restarts, rounds=args.rounds, progress=_progress())
+                           restarts=args.restarts, rounds=args.rounds, progress=progress)
     solved = solve(stats, cluster, options)
     if args.refine:
         solved = _refine(fit, solved, stats, args)
-    solver = dict(solved.solver)
+    solver = {**solved.solver, "shrink": shrink}
     predictor = None
     if fit.has_token_ids:
         predictor = SpeculativePredictor.build(fit, solved, PredictorOptions())
@@ -281,6 +294,18 @@ def _refine(fit: RoutingTrace, solved: Placement, stats, args) -> Placement:
     surrogate = {**solved.objective, "value": value, "gap": (bound - value) / bound if bound > 0 else 0.0,
                  "per_token": value / max(stats.num_tokens, 1)}
     return dataclasses.replace(refined, objective=surrogate)
+
+
+def _shrink_arg(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--shrink must be auto or a number in [0, 1], got {text!r}")
+    return value
 
 
 def _ours(placement: Placement) -> dict[str, Placement]:

@@ -19,6 +19,12 @@ layer l+1 adds ``slot_decay ** (s + d)`` to ``affinity[l, i, j]`` (times both ro
 i != j picked together at layer l add ``coact_weight * slot_decay ** (s + d)`` to ``coact[l, i, j]``
 (symmetric; each unordered pair counts once in the objective). These are a linear surrogate for the
 coherent strategy's traffic (simulate.py), which is what the reports show.
+
+Regularisation (``shrink = a`` in [0, 1]): pair counts from a few hundred tokens are noisy, so each layer's
+affinity W (and co-activation C) is shrunk toward the product of its marginals, what the pairs would be if
+the two choices were independent: ``(1 - a) W + a outer(row sums, column sums) / total`` (C: its row sums
+both ways, diagonal kept zero). Totals and marginals are unchanged. ``a`` is chosen by cross-validation
+inside the fit part (solvers/shrinkage.py).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class StatsOptions:
     slot_decay: float = 0.5     # weight of a pair of choices in slots (s, d) is slot_decay ** (s + d)
     coact_weight: float = 0.5   # weight of intra-layer co-activation relative to inter-layer affinity
     weighted: bool = False      # also multiply each pair by its two router weights
+    shrink: float = 0.0         # pair counts shrunk this far toward the product of their marginals
 
     def __post_init__(self) -> None:
         for name in ("slot_decay", "coact_weight"):
@@ -45,9 +52,12 @@ class StatsOptions:
                 raise InputError(f"stats option {name} must be a finite number >= 0, got {value!r}")
         if self.slot_decay > 1:
             raise InputError(f"stats option slot_decay must be in [0, 1], got {self.slot_decay}")
+        if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not 0 <= self.shrink <= 1:
+            raise InputError(f"stats option shrink must be a number in [0, 1], got {self.shrink!r}")
 
     def to_dict(self) -> dict:
-        return {"slot_decay": self.slot_decay, "coact_weight": self.coact_weight, "weighted": self.weighted}
+        return {"slot_decay": self.slot_decay, "coact_weight": self.coact_weight, "weighted": self.weighted,
+                "shrink": self.shrink}
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,9 +103,29 @@ def compute_stats(trace: RoutingTrace, options: StatsOptions = StatsOptions()) -
             np.fill_diagonal(coact_LEE[l], 0.0)
         coact_LEE *= options.coact_weight
 
+    if options.shrink > 0:
+        affinity_LEE = np.stack([shrink_pairs(A_EE, options.shrink) for A_EE in affinity_LEE]) if L > 1 \
+            else affinity_LEE
+        coact_LEE = np.stack([shrink_pairs(C_EE, options.shrink, symmetric=True) for C_EE in coact_LEE])
+
     layer_TLK = np.broadcast_to(np.arange(L)[None, :, None], experts_TLK.shape)
     load_LE = np.bincount((layer_TLK * E + experts_TLK).ravel(), minlength=L * E).reshape(L, E).astype(np.float64)
     return TraceStats(affinity_LEE, coact_LEE, load_LE, T, K, options)
+
+
+def shrink_pairs(W_EE: np.ndarray, a: float, symmetric: bool = False) -> np.ndarray:
+    """[E, E] pair weights shrunk by ``a`` toward the product of their marginals:
+    ``(1 - a) W + a outer(W.sum(1), W.sum(0)) / W.sum()``. With ``symmetric`` (co-activation, zero diagonal)
+    the target's diagonal is zeroed and it is rescaled so the total stays ``W.sum()``."""
+    total = float(W_EE.sum())
+    if total <= 0 or a == 0:
+        return W_EE.copy()
+    target_EE = np.outer(W_EE.sum(axis=1), W_EE.sum(axis=0)) / total
+    if symmetric:
+        np.fill_diagonal(target_EE, 0.0)
+        off = float(target_EE.sum())
+        target_EE = target_EE * (total / off) if off > 0 else W_EE
+    return (1.0 - a) * W_EE + a * target_EE
 
 
 def _pair_sums(a_TK: np.ndarray, wa_TK: np.ndarray, b_TK: np.ndarray, wb_TK: np.ndarray, E: int) -> np.ndarray:

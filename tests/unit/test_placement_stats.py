@@ -62,3 +62,31 @@ def test_bad_stats_options():
         StatsOptions(slot_decay=2.0)
     with pytest.raises(InputError, match="coact_weight must be a finite number"):
         StatsOptions(coact_weight=float("nan"))
+
+
+def test_shrink_toward_the_product_of_marginals_by_hand():
+    from placement.stats import shrink_pairs
+
+    W = np.array([[3.0, 1.0], [0.0, 4.0]])          # rows 4, 4; columns 3, 5; total 8
+    target = np.array([[4 * 3, 4 * 5], [4 * 3, 4 * 5]]) / 8.0
+    assert np.allclose(shrink_pairs(W, 0.25), 0.75 * W + 0.25 * target)
+    assert np.allclose(shrink_pairs(W, 1.0), target) and np.array_equal(shrink_pairs(W, 0.0), W)
+    shrunk = shrink_pairs(W, 0.5)
+    assert np.allclose(shrunk.sum(1), W.sum(1)) and np.allclose(shrunk.sum(0), W.sum(0))
+    C = np.array([[0.0, 2.0, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    Cs = shrink_pairs(C, 0.5, symmetric=True)
+    assert np.allclose(Cs, Cs.T) and np.all(np.diag(Cs) == 0) and Cs.sum() == pytest.approx(C.sum())
+    assert Cs[0, 2] > 0                                # a pair never seen gets some weight
+
+
+def test_compute_stats_applies_shrink_and_records_it():
+    plain = compute_stats(_trace(), StatsOptions())
+    st = compute_stats(_trace(), StatsOptions(shrink=0.5))
+    A = plain.affinity_LEE[0]
+    assert np.allclose(st.affinity_LEE[0], 0.5 * A + 0.5 * np.outer(A.sum(1), A.sum(0)) / A.sum())
+    assert st.affinity_LEE.sum() == pytest.approx(plain.affinity_LEE.sum())
+    assert st.coact_LEE.sum() == pytest.approx(plain.coact_LEE.sum())
+    assert np.array_equal(st.load_LE, plain.load_LE)
+    assert st.options.to_dict()["shrink"] == 0.5
+    with pytest.raises(InputError, match="shrink must be a number in"):
+        StatsOptions(shrink=1.5)
