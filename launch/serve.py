@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
         torch.set_num_threads(1)
+    # rank 0 takes its HTTP port before anything else can: gloo's and the store's ephemeral ports come later
+    http_socket = bind_http_socket(args.host, args.port) if os.environ.get("RANK", "0") == "0" else None
     topology = topology_from_env(args.collective_timeout)
     placement = Placement.load(args.placement) if args.placement else None
     runner = build_runner(args.model, topology, strategy=Strategy.parse(args.strategy), placement=placement,
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                           dtype=resolve_dtype(args.dtype, args.model))
     watchdog = Watchdog(EXIT_DEADLINE_S)
     if topology.rank == 0:
-        code = serve_rank0(args, runner, watchdog)
+        code = serve_rank0(args, runner, watchdog, http_socket)
     else:
         code = follow_rank(args, runner, watchdog)
     sys.stdout.flush()
@@ -104,7 +106,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- rank 0 -------------------------------------------------------------------------------------------------
-def serve_rank0(args, runner, watchdog: Watchdog) -> int:
+def bind_http_socket(host: str, port: int):
+    """The listening socket of the HTTP server, bound now (uvicorn's own rule: IPv4/IPv6, SO_REUSEADDR)."""
+    import uvicorn
+    try:
+        return uvicorn.Config(app=None, host=host, port=port).bind_socket()
+    except SystemExit:   # uvicorn logged why (e.g. the port is taken)
+        print(f"epserve worker: cannot listen on {host}:{port}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def serve_rank0(args, runner, watchdog: Watchdog, http_socket=None) -> int:
     import uvicorn
 
     from epserve.engine.engine import start_engine
@@ -140,7 +153,7 @@ def serve_rank0(args, runner, watchdog: Watchdog) -> int:
     server_box.append(server)
     server.should_exit = stop.is_set()     # a signal that came before the server existed
     try:
-        server.run()
+        server.run(sockets=None if http_socket is None else [http_socket])
     except SystemExit:          # uvicorn could not start (e.g. the port is taken); it logged why
         fatal.set()
     finally:

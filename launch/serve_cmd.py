@@ -230,6 +230,8 @@ def _check_numbers(args) -> None:
     for flag, port in (("--port", args.port), ("--master-port", args.master_port)):
         if port is not None and not 0 < port < 65536:
             raise InputError(f"{flag} {port} is not a TCP port (1..65535)")
+    if args.master_port is not None and args.master_port == args.port and args.node_rank == 0:
+        raise InputError(f"--master-port {args.master_port} is also the HTTP --port: node 0 listens on both")
     if not (math.isfinite(args.collective_timeout) and args.collective_timeout > 0):
         raise InputError(f"--collective-timeout must be a finite number of seconds > 0, got "
                          f"{args.collective_timeout}")
@@ -277,7 +279,9 @@ def worker_argv(args, pre: Preflight) -> list[str]:
 
 
 def torchrun_argv(args, pre: Preflight) -> list[str]:
-    port = args.master_port if args.master_port is not None else free_port()
+    port = args.master_port
+    while port is None or port == args.port:   # a free port may come round again: never the HTTP one
+        port = free_port()                     # (a given --master-port equal to --port is refused before)
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
             "--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank), "--master-addr", args.master_addr,
             "--master-port", str(port), "--max-restarts", "0", "--monitor-interval", "0.5",
