@@ -7,11 +7,14 @@
              weights chosen by cross-validation on the fit part only (for coherent transfers and for the
              top-1 cross-GPU rate), and the |R| floor that bounds what any placement can reach
     exact    8 layers x 16 experts x 4 GPUs: ilp (proven bound) vs local vs a naive x/y linearisation
+    prefix   the same FLAME split, fitted on short prefixes of the fit part (256, 512, all 1229 tokens), with and
+             without shrinkage of the pair counts (strength by cross-validation inside each prefix), judged on
+             the same held-out 40%; several solver seeds (the spread is the search's noise)
     scale    DeepSeek-V3 shape (58 layers x 256 experts, top-8, 8 nodes x 8 GPUs) on a synthetic trace with
              planted affinity: wall, CPU, peak memory (each run in its own process); growth with L, E, G
 
 Writes bench/results/placement_bench.{json,md} (--part X redoes one part and keeps the others).
-Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|scale] [--quick]
+Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|prefix|scale] [--quick]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from placement.anchor import fit_anchor_table  # noqa: E402
 from placement.refine import refine_placement  # noqa: E402
 from placement.simulate import Strategy, simulate  # noqa: E402
 from placement.solvers import SolveOptions, SolverKind, solve  # noqa: E402
+from placement.solvers.shrinkage import choose_shrink  # noqa: E402
 from placement.stats import StatsOptions, compute_stats, objective  # noqa: E402
 from placement.synthetic import SyntheticSpec, planted_placement, synthetic_trace  # noqa: E402
 
@@ -199,6 +203,66 @@ def _floor(fit, held, opts) -> dict:
     return {"mean_distinct_ranks_held_out": R, "fit_mean_distinct_ranks": _mean_distinct_ranks(fit, p),
             "coherent_floor_transfers": 2 * R - 2, "floor_reduction_vs_baseline": 1 - (2 * R - 2) / base,
             "baseline_transfers": base}
+
+
+# ---- short prefixes of the fit part, with and without shrinkage ----------------------------------------------
+PREFIXES = (256, 512, None)          # None: the whole fit part
+PREFIX_SEEDS = (0, 1, 2)
+FIXED_SHRINK = (0.25, 0.5)           # not chosen by CV: whether any strength helps held out (CV must not see this)
+
+
+def prefix(quick: bool) -> dict:
+    trace = RoutingTrace.load(FLAME)
+    fit, held = trace.split(0.6)
+    cluster = ClusterShape(gpus_per_node=8)
+    opts = SolveOptions(restarts=2 if quick else 4, rounds=50 if quick else 300, time_limit=60)
+    seeds = PREFIX_SEEDS[:1] if quick else PREFIX_SEEDS
+    base = simulate(held, solve(compute_stats(fit), cluster, SolveOptions(solver=SolverKind.CONTIGUOUS)),
+                    Strategy.TWO_A2A).transfers_per_token_layer
+    rows = []
+    for n in PREFIXES:
+        part = fit if n is None else fit.select(slice(0, n))
+        t0 = time.perf_counter()
+        choice = choose_shrink(part, cluster)
+        cv_s = time.perf_counter() - t0
+        variants = [("none", 0.0), ("cv", choice.strength)] + ([] if quick else [("fixed", a) for a in FIXED_SHRINK])
+        for label, a in variants:
+            stats = compute_stats(part, StatsOptions(shrink=a))
+            runs = []
+            for seed in seeds:
+                p = solve(stats, cluster, dataclasses.replace(opts, seed=seed))
+                refined = _anchored(part, refine_placement(part, p))
+                runs.append({"seed": seed, "top1": simulate(held, p, Strategy.COHERENT).top1_cross_gpu_rate,
+                             "coherent": simulate(held, p, Strategy.COHERENT).transfers_per_token_layer / base,
+                             "refined_coherent": simulate(held, refined, Strategy.COHERENT).transfers_per_token_layer
+                             / base, "fit_top1": simulate(part, p, Strategy.COHERENT).top1_cross_gpu_rate,
+                             "solve_s": p.solver["time_s"]})
+            row = {"fit_tokens": part.num_tokens, "shrink": label, "strength": a, "runs": runs,
+                   "cv_s": cv_s if label == "cv" else 0.0,
+                   "cv_scores": choice.scores if label == "cv" else None}
+            for k in ("top1", "coherent", "refined_coherent", "fit_top1"):
+                vals = [r[k] for r in runs]
+                row[k] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
+            rows.append(row)
+            print(f"prefix {part.num_tokens} shrink {label} ({a}): held-out top-1 {row['top1']['mean']:.3f} "
+                  f"[{row['top1']['min']:.3f}, {row['top1']['max']:.3f}], coherent {row['coherent']['mean']:.3f}x, "
+                  f"+refine+anchors {row['refined_coherent']['mean']:.3f}x baseline", flush=True)
+    fair = [r for r in rows if r["shrink"] != "fixed"]      # a strength picked by looking at held-out is not fair
+    full = [r for r in fair if r["fit_tokens"] == fit.num_tokens]
+    short = [r for r in fair if r["fit_tokens"] == 256]
+    best_full = min(r["top1"]["mean"] for r in full)
+    best_short = min(r["top1"]["mean"] for r in short)
+    best_coh = min(min(r["coherent"]["mean"], r["refined_coherent"]["mean"]) for r in full)
+    targets = {"top1_full": best_full, "top1_full_met": best_full <= 0.55,
+               "top1_256": best_short, "top1_256_within_0.03": best_short <= best_full + 0.03,
+               "best_coherent_ratio": best_coh, "coherent_met": best_coh <= 0.60}
+    return {"setup": f"{FLAME.name}: prefixes of the fit part (first 60%, {fit.num_tokens} tokens), judged on the "
+                     f"last 40% ({held.num_tokens}); 1 node x 8 GPUs; local ({opts.restarts} starts, {opts.rounds} "
+                     f"rounds), seeds {list(seeds)}; baseline contiguous + two_a2a = {base:.3f} transfers per "
+                     "token-layer; shrinkage strength chosen per prefix by 3-fold CV on that prefix only (held-in "
+                     "top-1 cross-GPU rate, candidates 0/0.1/0.25/0.5/0.75); `fixed` rows: a strength set by hand, "
+                     "to see whether any strength helps held out (targets count only none/cv rows)",
+            "baseline_transfers": base, "rows": rows, "targets": targets}
 
 
 # ---- exactness ------------------------------------------------------------------------------------------------
@@ -419,6 +483,22 @@ def markdown(results: dict) -> str:
                f"on held-out tokens ({f['fit_mean_distinct_ranks']:.2f} on fitted ones); coherent traffic is at least "
                f"2|R| - 2 = {f['coherent_floor_transfers']:.3f}, i.e. at most {f['floor_reduction_vs_baseline']:.1%} "
                "below the baseline even if every token started on one of its expert ranks.", ""]
+    if "prefix" in results:
+        x = results["prefix"]
+        md += ["## Fits on short prefixes, with and without shrinkage (FLAME, 1 x 8)", "", x["setup"], ""]
+        span = lambda d: f"{d['mean']:.3f} [{d['min']:.3f}, {d['max']:.3f}]"  # noqa: E731
+        md += _md_table(["fit tokens", "shrink", "strength", "held-out top-1 (mean [min, max] over seeds)",
+                         "coherent / baseline", "+refine+anchors / baseline", "fit top-1", "CV s"],
+                        [[r["fit_tokens"], r["shrink"], r["strength"], span(r["top1"]), span(r["coherent"]),
+                          span(r["refined_coherent"]), f"{r['fit_top1']['mean']:.3f}", f"{r['cv_s']:.1f}"]
+                         for r in x["rows"]])
+        t = x["targets"]
+        md += [f"- held-out top-1 <= 0.55 with all fit tokens: best mean {t['top1_full']:.3f} -> "
+               f"{'met' if t['top1_full_met'] else 'NOT met'}",
+               f"- with 256 tokens within 0.03 of that: best mean {t['top1_256']:.3f} -> "
+               f"{'met' if t['top1_256_within_0.03'] else 'NOT met'}",
+               f"- coherent transfers <= 0.60x the baseline: best mean {t['best_coherent_ratio']:.3f}x -> "
+               f"{'met' if t['coherent_met'] else 'NOT met'}", ""]
     if "exact" in results:
         e = results["exact"]
         md += ["## Exactness (ilp)", "", e["setup"], ""]
@@ -447,7 +527,7 @@ def markdown(results: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["heldout", "exact", "scale", "all"], default="all")
+    parser.add_argument("--part", choices=["heldout", "exact", "prefix", "scale", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke run, not the figures)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
@@ -457,13 +537,13 @@ def main() -> int:
         results = json.loads((args.out / f"{stem}.json").read_text())
         (args.out / f"{stem}.md").write_text(markdown(results) + "\n")
         return 0
-    if args.part in ("heldout", "exact", "all") and not FLAME.is_file():
+    if args.part in ("heldout", "exact", "prefix", "all") and not FLAME.is_file():
         print(f"the FLAME trace is absent: {FLAME}", file=sys.stderr)
         return 2
     previous = args.out / f"{stem}.json"
     results = json.loads(previous.read_text()) if args.part != "all" and previous.is_file() else {}
     results["host"] = f"{os.cpu_count()} CPUs (shared), OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
-    for part, fn in (("heldout", heldout), ("exact", exact), ("scale", scale)):
+    for part, fn in (("heldout", heldout), ("exact", exact), ("prefix", prefix), ("scale", scale)):
         if args.part in (part, "all"):
             results[part] = fn(args.quick)
             results.setdefault("commands", {})[part] = " ".join(["python"] + sys.argv)
