@@ -166,6 +166,7 @@ def _placement(args, path: Path | None, config: ModelConfig, model_name: str) ->
     placement = Placement.load(path)
     placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts,
                          what=f"the model ({model_name})")
+    placement.require_single_copy(f"{path}: serving")
     world = args.nnodes * args.nproc_per_node
     if placement.num_gpus != world:
         raise PlacementError(f"{path} is for {placement.num_gpus} GPUs, but --nnodes {args.nnodes} "

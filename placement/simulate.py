@@ -232,6 +232,7 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
     ``node_aware`` on a one-node cluster is refused (InputError): it has no other node to relay through.
     """
     placement.check_fits(num_layers=trace.num_layers, num_experts=trace.num_experts)
+    placement.require_single_copy("the simulator")
     T, L, K = trace.experts_TLK.shape
     G, cluster = placement.num_gpus, placement.cluster
     if not isinstance(transport, Transport):

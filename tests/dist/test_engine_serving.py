@@ -141,4 +141,4 @@ def test_health_and_shutdown(engine_runs):
         assert idle.ok and busy.ok, f"G={G} {case.name}: {idle} {busy}"
         assert (after.ok, after.reason) == (False, "shutting down")
         assert results[0]["stopped"], f"G={G} {case.name}: the engine thread did not end"
-        assert results[0]["placement"]["expert_to_gpu"] and results[0]["placement"]["version"] == 1
+        assert results[0]["placement"]["expert_to_gpus"] and results[0]["placement"]["version"] == 2

@@ -134,10 +134,13 @@ def test_simulate_refuses_bad_placements(tmp_path, flame_encoder_trace_path, syn
     good = tmp_path / "good.json"
     assert _run(["place", "--trace", synthetic_path, "--gpus-per-node", 4, "-o", good, *FAST], capsys)[0] == 0
     d = json.loads(good.read_text())
-    uneven = dict(d, expert_to_gpu=[[0] * 16] * 4)
+    assert d["version"] == 2 and d["slots_per_gpu"] == 4
+    uneven_v1 = {k: v for k, v in dict(d, version=1, expert_to_gpu=[[0] * 16] * 4).items() if k != "expert_to_gpus"}
+    uneven_v2 = dict(d, expert_to_gpus=[[[0]] * 16] * 4)
     files = {"broken.json": ("{not json", "not valid JSON"),
-             "uneven.json": (json.dumps(uneven), "layer 0: GPU 0 holds 16 experts, every GPU must hold 4"),
-             "v2.json": (json.dumps(dict(d, version=2)), "placement version 2 is not supported")}
+             "uneven.json": (json.dumps(uneven_v1), "layer 0: GPU 0 holds 16 experts, every GPU must hold 4"),
+             "uneven2.json": (json.dumps(uneven_v2), "layer 0: GPU 1 holds 0 copies, every GPU must hold the same"),
+             "v3.json": (json.dumps(dict(d, version=3)), "placement version 3 is not supported")}
     for name, (text, message) in files.items():
         (tmp_path / name).write_text(text)
         rc, _, err = _run(["simulate", "--trace", synthetic_path, "--placement", tmp_path / name], capsys)

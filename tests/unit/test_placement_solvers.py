@@ -121,3 +121,62 @@ def test_ilp_proves_optimality_at_8_layers_16_experts_4_gpus():
     local = solve(st, cluster, SolveOptions())
     assert exact.objective["value"] >= local.objective["value"]
     assert local.objective["value"] >= 0.97 * exact.objective["upper_bound"]
+
+
+# ---- schema version 2: replicas in the file format ---------------------------------------------------------
+def test_v2_round_trip_with_replicas_and_fewer_experts_than_gpus(tmp_path):
+    from placement.errors import PlacementError
+    from placement.placement import Placement
+    cluster = ClusterShape(nodes=2, gpus_per_node=8)
+    copies = np.zeros((2, 8, 16), dtype=bool)
+    for l in range(2):
+        for g in range(16):                      # Mixtral's 8 experts on 16 GPUs: every expert twice
+            copies[l, (g + l) % 8, g] = True
+    p = Placement.from_copies(copies, cluster, solver={"name": "hand"})
+    assert (p.slots_per_gpu, p.has_replicas) == (1, True)
+    assert p.gpus_of(0, 3) == [3, 11] and p.gpus_of(1, 0) == [7, 15]
+    assert p.expert_to_gpu_LE[1].tolist() == [7, 0, 1, 2, 3, 4, 5, 6]   # primary copy: the lowest GPU id
+    assert p.experts_on(11).tolist() == [[3], [4]]
+    p.save(tmp_path / "p.json")
+    back = Placement.load(tmp_path / "p.json")
+    assert (back.copies_LEG == copies).all() and back.to_dict() == p.to_dict()
+    with pytest.raises(PlacementError, match=r"layer 0, expert 0 has copies on GPUs \[0, 8\]: serving does not"):
+        back.require_single_copy("serving")
+
+
+def test_v1_files_still_load_as_one_copy_per_expert(tmp_path):
+    import json
+    from placement.placement import Placement, contiguous_placement
+    one = contiguous_placement(3, 8, ClusterShape(gpus_per_node=4))
+    v1 = {"version": 1, "num_layers": 3, "num_experts": 8, "cluster": one.cluster.to_dict(),
+          "expert_to_gpu": one.expert_to_gpu_LE.tolist()}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    back = Placement.load(tmp_path / "v1.json")
+    assert (back.expert_to_gpu_LE == one.expert_to_gpu_LE).all() and not back.has_replicas
+    assert back.slots_per_gpu == 2 and back.to_dict()["version"] == 2
+    back.require_single_copy("serving")   # no replica: nothing to refuse
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda rows: rows[1].__setitem__(2, []), r"layer 1, expert 2: needs a non-empty list of GPU ids"),
+    (lambda rows: rows[0].__setitem__(0, [0, 0]), r"layer 0, expert 0: GPU 0 is listed twice"),
+    (lambda rows: rows[0].__setitem__(5, [9]), r"layer 0, expert 5: GPU 9 is outside the cluster \[0, 4\)"),
+    (lambda rows: rows[0].__setitem__(0, [0, 1]), r"layer 0: GPU 1 holds 3 copies, every GPU must hold the same"),
+])
+def test_v2_bad_files_are_named(tmp_path, change, message):
+    import json
+    from placement.errors import PlacementError
+    from placement.placement import Placement, contiguous_placement
+    d = contiguous_placement(2, 8, ClusterShape(gpus_per_node=4)).to_dict()
+    change(d["expert_to_gpus"])
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(PlacementError, match=message):
+        Placement.load(tmp_path / "bad.json")
+
+
+def test_v2_slots_header_must_match():
+    from placement.errors import PlacementError
+    from placement.placement import Placement, contiguous_placement
+    d = contiguous_placement(2, 8, ClusterShape(gpus_per_node=4)).to_dict()
+    with pytest.raises(PlacementError, match=r"slots_per_gpu says 3, but every GPU holds 2 copies per layer"):
+        Placement.from_dict(dict(d, slots_per_gpu=3))

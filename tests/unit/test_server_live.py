@@ -277,8 +277,8 @@ def test_placement_document_and_live_traffic(live):
         doc = wait_for(lambda: first_with(c.get("/placement").json(), "layers"), "live traffic")
     assert (doc["strategy"], doc["world_size"]) == ("two_a2a", 1)
     p = doc["placement"]
-    assert (p["version"], p["num_layers"], p["num_experts"]) == (1, 6, 16)
-    assert p["expert_to_gpu"] == [[0] * 16] * 6
+    assert (p["version"], p["num_layers"], p["num_experts"], p["slots_per_gpu"]) == (2, 6, 16, 16)
+    assert p["expert_to_gpus"] == [[[0]] * 16] * 6
     assert [layer["moe_layer"] for layer in doc["layers"]] == list(range(6))
     for layer in doc["layers"]:
         assert (layer["lar"], layer["transfers_per_token_layer"]) == (1.0, 0.0)
