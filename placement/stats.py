@@ -15,7 +15,13 @@ node: 1 on the same GPU, 0 otherwise). So ``objective = alpha * gpu_colocated + 
 
 Weights (``StatsOptions``): a token that picks expert i in slot s (0 = top-1) at layer l and j in slot d at
 layer l+1 adds ``slot_decay ** (s + d)`` to ``affinity[l, i, j]`` (times both router weights when
-``weighted``); ``slot_decay = 0`` keeps only top-1 -> top-1 pairs, 1 counts every pair alike. Two experts
+``weighted``); ``slot_decay = 0`` keeps only top-1 -> top-1 pairs, 1 counts every pair alike. The default
+(``None``, ``auto_slot_decay``) follows the trace's size: the most top-heavy decay in [0.5, 1] whose pair table
+still holds ``AUTO_PAIRS_PER_CELL`` effective pairs per (i, j) cell. Top slots say most about top-1 traffic,
+but few tokens spread over E x E cells are noise: FLAME (1229 tokens, 64 experts, top-6) keeps 0.5, a
+DeepSeek-V3-shaped trace (2458 tokens, 256 experts, top-8) gets 1 (bench/results/placement_bench.md, scale),
+FLAME's first 512 / 256 fit tokens 0.70 / 1 (their held-out top-1 on 1 x 8, 2 starts x 100 rounds, seeds 0-1:
+0.589 / 0.618 at 0.5, 0.582 / 0.590 at 0.75, 0.575 / 0.608 at 1). Two experts
 i != j picked together at layer l add ``coact_weight * slot_decay ** (s + d)`` to ``coact[l, i, j]``
 (symmetric; each unordered pair counts once in the objective). These are a linear surrogate for the
 coherent strategy's traffic (simulate.py), which is what the reports show.
@@ -29,6 +35,7 @@ inside the fit part (solvers/shrinkage.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +47,7 @@ from placement.trace import RoutingTrace
 
 @dataclass(frozen=True, kw_only=True)
 class StatsOptions:
-    slot_decay: float = 0.5     # weight of a pair of choices in slots (s, d) is slot_decay ** (s + d)
+    slot_decay: float | None = None   # pair of choices in slots (s, d) weighs slot_decay ** (s + d); None: auto
     coact_weight: float = 0.5   # weight of intra-layer co-activation relative to inter-layer affinity
     weighted: bool = False      # also multiply each pair by its two router weights
     shrink: float = 0.0         # pair counts shrunk this far toward the product of their marginals
@@ -48,9 +55,11 @@ class StatsOptions:
     def __post_init__(self) -> None:
         for name in ("slot_decay", "coact_weight"):
             value = getattr(self, name)
+            if name == "slot_decay" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
                 raise InputError(f"stats option {name} must be a finite number >= 0, got {value!r}")
-        if self.slot_decay > 1:
+        if self.slot_decay is not None and self.slot_decay > 1:
             raise InputError(f"stats option slot_decay must be in [0, 1], got {self.slot_decay}")
         if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not 0 <= self.shrink <= 1:
             raise InputError(f"stats option shrink must be a number in [0, 1], got {self.shrink!r}")
@@ -86,11 +95,42 @@ class TraceStats:
         return self.load_LE.shape[1]
 
 
+AUTO_PAIRS_PER_CELL = 2.5     # auto slot_decay: effective pairs per (i, j) cell of the pair table
+AUTO_DECAY_RANGE = (0.5, 1.0)
+
+
+def effective_pairs_per_token(slot_decay: float, top_k: int) -> float:
+    """Kish effective sample size ``(sum w)**2 / sum w**2`` of one token's K x K slot pairs weighted
+    ``slot_decay ** (s + d)``: that of its K slots (weights ``slot_decay ** s``), squared (1 for top-1 only,
+    K**2 when every pair counts alike)."""
+    w_K = float(slot_decay) ** np.arange(top_k, dtype=np.float64)
+    return float((w_K.sum() ** 2 / (w_K ** 2).sum()) ** 2)
+
+
+def auto_slot_decay(num_tokens: int, num_experts: int, top_k: int) -> float:
+    """The smallest slot_decay in ``AUTO_DECAY_RANGE`` whose pair table holds ``AUTO_PAIRS_PER_CELL`` effective
+    pairs per cell: ``num_tokens * effective_pairs_per_token(d, K) / E**2`` (increasing in d; bisection).
+    Its upper end when even that falls short."""
+    lo, hi = AUTO_DECAY_RANGE
+    need = AUTO_PAIRS_PER_CELL * num_experts ** 2 / max(num_tokens, 1)
+    if effective_pairs_per_token(lo, top_k) >= need:
+        return lo
+    if effective_pairs_per_token(hi, top_k) <= need:
+        return hi
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if effective_pairs_per_token(mid, top_k) < need else (lo, mid)
+    return round(hi, 4)
+
+
 def compute_stats(trace: RoutingTrace, options: StatsOptions = StatsOptions()) -> TraceStats:
-    """Inter-layer affinity, intra-layer co-activation and load of a trace (vectorised over tokens)."""
+    """Inter-layer affinity, intra-layer co-activation and load of a trace (vectorised over tokens). The
+    returned stats carry the options used, with an auto ``slot_decay`` resolved to its number."""
     experts_TLK = trace.experts_TLK.astype(np.int64)
     T, L, K = experts_TLK.shape
     E = trace.num_experts
+    if options.slot_decay is None:
+        options = dataclasses.replace(options, slot_decay=auto_slot_decay(T, E, K))
     w_TLK = np.broadcast_to(options.slot_decay ** np.arange(K, dtype=np.float64), (T, L, K))
     if options.weighted:
         w_TLK = w_TLK * trace.weights_TLK

@@ -11,7 +11,11 @@ Shapes: L layers, E experts, G GPUs, M = E/G experts per GPU per layer; p_LE = G
             a layer that changed makes its neighbours dirty
     --> iterated local search: pool two GPUs' experts over a run of layers, split them again at random,
         climb around them, keep the result unless it is worse
-    --> best over restarts; stops early at the time limit
+    --> best over restarts; stops early at the time limit. The rounds stop once the search has taken
+        AUTO_CLIMBS times the first start's climb (never before AUTO_MIN_S), each start's rounds getting an
+        equal share of what is left, so every start runs. On FLAME (8 x 64 x 8: 4 starts x 300 rounds in
+        ~4 s) this never binds; at DeepSeek-V3's shape (58 x 256 x 64) a climb takes ~3 s, a round ~0.3 s,
+        and a start's first 60 rounds gained 3e-4 of the objective (bench/results/placement_bench.md, scale).
 
 With ``node_of_LE`` (hierarchical's second stage) every expert stays on a GPU of its node.
 """
@@ -26,6 +30,9 @@ from scipy.optimize import linear_sum_assignment
 from placement.cluster import ClusterShape
 from placement.solvers import SolveOptions, SolverResult
 from placement.stats import TraceStats, objective, objective_upper_bound, saving_GG
+
+AUTO_CLIMBS = 4.0       # search budget: this many times the first start's climb (wall) ...
+AUTO_MIN_S = 15.0       # ... but never below this many seconds; options.time_limit caps both
 
 
 class _Chain:
@@ -180,16 +187,21 @@ def solve_local(stats: TraceStats, cluster: ClusterShape, options: SolveOptions,
                 node_of_LE: np.ndarray | None = None) -> SolverResult:
     chain = _Chain(stats, cluster, node_of_LE)
     rng = np.random.default_rng(options.seed)
-    deadline = time.perf_counter() + options.time_limit
+    started = time.perf_counter()
+    deadline = budget_end = started + options.time_limit
     best_p, best_value, rounds_run, restarts_run = None, -np.inf, 0, 0
-    next_report = time.perf_counter() + 5.0
+    next_report = started + 5.0
     for restart in range(options.restarts):
         if restart and time.perf_counter() > deadline:
             break
         p_LE = chain.random_start(rng)
         value = chain.total(p_LE) + chain.climb(p_LE, set(range(chain.L)), deadline)
+        now = time.perf_counter()
+        if restart == 0:
+            budget_end = min(deadline, started + max(AUTO_MIN_S, AUTO_CLIMBS * (now - started)))
+        rounds_end = now + max(budget_end - now, 0.0) / (options.restarts - restart)   # this start's share
         for k in range(options.rounds):
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > rounds_end:
                 break
             if time.perf_counter() > next_report:
                 options.report(f"local: start {restart + 1}/{options.restarts}, round {k}/{options.rounds}: "
