@@ -61,6 +61,7 @@ def handled_rows(route: Route, got: dict[str, torch.Tensor]) -> dict[str, torch.
             "token": torch.cat([route.token_N.long(), got["token"][:, 0].long()]),
             "ids": torch.cat([route.topk_ids_NK.long(), got["topk_ids"].long()]),
             "w": torch.cat([route.topk_weights_NK.float(), got["topk_weights"]]),
+            "rank": torch.cat([route.rank_NK.long(), got["ranks"].long()]),   # the source's choice of copy
             "anchor": torch.cat([route.anchor_N.long(), got["anchor"][:, 0].long()])}
 
 

@@ -169,8 +169,8 @@ class CountedTransport:
         row_X, _, _ = order_by_destination(stage0_NG, route.token_N, route.num_step_tokens)
         i = row_X[:sum(sizes.send["dispatch"])]
         send = self.codec.pack(route.x_ND.device, x=route.x_ND[i], topk_ids=route.topk_ids_NK[i],
-                               topk_weights=route.topk_weights_NK[i], token=route.token_N[i, None],
-                               anchor=route.anchor_N[i, None])
+                               topk_weights=route.topk_weights_NK[i], ranks=route.rank_NK[i],
+                               token=route.token_N[i, None], anchor=route.anchor_N[i, None])
         recv0, _ = self.coll.all_to_all_rows(send, sizes.send["dispatch"], sizes.recv["dispatch"],
                                              kind=CollKind.ALL_TO_ALL, phase="dispatch", layer=route.layer,
                                              payload_bytes_per_row=self.row_bytes)
@@ -179,7 +179,7 @@ class CountedTransport:
             recv_G = torch.tensor(sizes.recv["dispatch"], device=self.rank_G.device)
             src_R = torch.repeat_interleave(self.rank_G, recv_G, output_size=recv0.shape[0])
             got0 = self.codec.unpack(recv0)
-            rank_RK = self.expert_to_rank_LE[route.layer][got0["topk_ids"].long()]
+            rank_RK = got0["ranks"].long()   # the source's choice of copy
             crossed_R = self.group_G[src_R] != me // P
             fwd_RG = destinations_NG(rank_RK, G) & (self.group_G == me // P)[None, :] & crossed_R[:, None]
             fwd_RG[:, me] = False
@@ -191,7 +191,6 @@ class CountedTransport:
                                                  payload_bytes_per_row=self.row_bytes, intra_node=True)
             received.append(recv1)
         rows = handled_rows(route, self.codec.unpack(torch.cat(received)))
-        rows["rank"] = self.expert_to_rank_LE[route.layer][rows["ids"]]
         work = ExpertWork(rows["x"], rows["token"], rows["ids"], rows["w"], rows["rank"] == me)
         return work, CountedHandle(route.layer, sizes, rows, route.needs_combine, route.num_step_tokens,
                                    route.x_ND.shape[0], route.token_N_host)

@@ -81,15 +81,14 @@ class FixedTransport:
         dest_NG = destinations_NG(route.rank_NK, G)
         dest_NG[:, me] = False
         packed_NB = self.codec.pack(route.x_ND.device, x=route.x_ND, topk_ids=route.topk_ids_NK,
-                                    topk_weights=route.topk_weights_NK, token=route.token_N[:, None],
-                                    anchor=route.anchor_N[:, None])
+                                    topk_weights=route.topk_weights_NK, ranks=route.rank_NK,
+                                    token=route.token_N[:, None], anchor=route.anchor_N[:, None])
         send, overflow = _fill_slots(packed_NB, dest_NG, C, self.codec)
         recv, _ = self.coll.all_to_all_rows(send, [C] * G, [C] * G, kind=CollKind.ALL_TO_ALL, phase="dispatch",
                                             layer=route.layer, payload_bytes_per_row=self.row_bytes,
                                             real_rows_G=_real_rows_G(send, self.codec, C))
         rows = handled_rows(route, self.codec.unpack(recv))
         valid_H = rows["token"] >= 0               # empty slots arrive as zeros with token -1
-        rows["rank"] = self.expert_to_rank_LE[route.layer][rows["ids"]]
         rows["valid"] = valid_H
         use_HK = (rows["rank"] == me) & valid_H[:, None]
         work = ExpertWork(rows["x"], rows["token"], rows["ids"], rows["w"], use_HK)

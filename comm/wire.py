@@ -63,11 +63,12 @@ class RowCodec:
 
 
 def dispatch_codec(hidden_size: int, top_k: int, dtype: torch.dtype) -> RowCodec:
-    """One dispatched token: its residual hidden state, its router choices, its step-local index and the rank
-    that will sum its expert outputs (its anchor)."""
+    """One dispatched token: its residual hidden state, its router choices, the rank the SOURCE chose for each
+    choice (with replicated experts another holder must not compute it too: placement/replicas.py), its
+    step-local index and the rank that will sum its expert outputs (its anchor)."""
     return RowCodec((Field("x", dtype, hidden_size), Field("topk_ids", torch.int32, top_k),
-                     Field("topk_weights", torch.float32, top_k), Field("token", torch.int32, 1),
-                     Field("anchor", torch.int32, 1)))
+                     Field("topk_weights", torch.float32, top_k), Field("ranks", torch.int32, top_k),
+                     Field("token", torch.int32, 1), Field("anchor", torch.int32, 1)))
 
 
 def combine_codec(hidden_size: int, dtype: torch.dtype) -> RowCodec:

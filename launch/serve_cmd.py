@@ -126,9 +126,10 @@ def preflight(args) -> Preflight:
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir}: no tokenizer.json (the server needs the model's tokenizer)")
     world = args.nnodes * args.nproc_per_node
-    if config.num_experts % world:
+    if config.num_experts % world and not args.placement:   # a placement may replicate experts instead
         raise InputError(f"the model's {config.num_experts} experts cannot be split evenly over {world} ranks "
-                         f"(--nnodes {args.nnodes} x --nproc-per-node {args.nproc_per_node})")
+                         f"(--nnodes {args.nnodes} x --nproc-per-node {args.nproc_per_node}); give a --placement "
+                         f"with replicated experts (schema version 2)")
     placement_path = Path(args.placement).resolve() if args.placement else None
     placement = _placement(args, placement_path, config, model_dir.name)
     check_transport_options(args)
@@ -166,7 +167,6 @@ def _placement(args, path: Path | None, config: ModelConfig, model_name: str) ->
     placement = Placement.load(path)
     placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts,
                          what=f"the model ({model_name})")
-    placement.require_single_copy(f"{path}: serving")
     world = args.nnodes * args.nproc_per_node
     if placement.num_gpus != world:
         raise PlacementError(f"{path} is for {placement.num_gpus} GPUs, but --nnodes {args.nnodes} "

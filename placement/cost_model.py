@@ -54,7 +54,7 @@ from placement.transport import COMBINE_PHASES, DEFAULT_CAPACITY_FACTOR, Transpo
 
 CLASSES = ("intra_node", "inter_node")
 COUNT_BYTES = 8                   # one int64 of the counts exchange
-META_BYTES_PER_EXPERT = 4 + 4     # top-k id int32 + weight fp32 (comm/wire.py dispatch_codec)
+META_BYTES_PER_EXPERT = 4 + 4 + 4  # top-k id int32 + weight fp32 + chosen copy int32 (comm/wire.py dispatch_codec)
 META_BYTES_PER_ROW = 4 + 4        # token int32 + anchor int32
 COMBINE_META_BYTES = 4            # token int32 (comm/wire.py combine_codec)
 KV_ROW_META_BYTES = 4 + 4         # token int32 + group int32 (epserve/engine/kv_coherence.py)

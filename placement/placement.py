@@ -145,6 +145,12 @@ class Placement:
         """[L, S] expert ids held by ``gpu`` in each layer (every copy it holds), ascending."""
         return np.stack([np.flatnonzero(row_EG[:, gpu]) for row_EG in self.copies_LEG])
 
+    @property
+    def copy_choice_LEG(self) -> np.ndarray:
+        """int64 [L, E, G]: the copy a token held on GPU c uses for expert e (placement/replicas.py's rule)."""
+        from placement.replicas import copy_choice_LEG
+        return copy_choice_LEG(self.copies_LEG, self.cluster.gpus_per_node)
+
     def require_single_copy(self, what: str) -> None:
         """Raise a PlacementError naming the first replicated expert: ``what`` does not handle replicas yet."""
         multi = np.argwhere(self.copies_LEG.sum(axis=2) > 1)

@@ -232,7 +232,6 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
     ``node_aware`` on a one-node cluster is refused (InputError): it has no other node to relay through.
     """
     placement.check_fits(num_layers=trace.num_layers, num_experts=trace.num_experts)
-    placement.require_single_copy("the simulator")
     T, L, K = trace.experts_TLK.shape
     G, cluster = placement.num_gpus, placement.cluster
     if not isinstance(transport, Transport):
@@ -250,7 +249,15 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
         home_T = _predicted_homes(trace, predictor, home_T, seq_T, pos_T, prefill_T)
 
     top1_TL = ranks_TLK[:, :, 0]
-    if strategy.coherent:
+    if placement.has_replicas:   # where a token is decides which copy it uses: follow each token in order
+        if placement.anchors is not None:
+            placement.require_single_copy("the simulator with an anchor table")
+        if strategy.needs_predictor:
+            placement.require_single_copy(f"the simulator with strategy {strategy.value}")
+        ranks_TLK, pos_TL, anchor_TL = _replica_routes(trace, placement, home_T, prefill_T, prev_T,
+                                                       coherent=strategy.coherent)
+        top1_TL = ranks_TLK[:, :, 0]
+    elif strategy.coherent:
         start_T = home_T.copy()
         chained_T = (prev_T >= 0) & ~prefill_T
         chained_T[chained_T] = ~prefill_T[prev_T[chained_T]]
@@ -307,6 +314,41 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
         a2a_calls_per_layer=calls, kv_entry_copies=kv_copies, sampled_id_copies=sampled_copies, options=options,
         transport=transport.value, flows_LGG=flows_LGG, held_LG=as_int(held_LG),
         counts_exchanges_per_layer=int(transport.needs_counts_exchange), kv_cross_node_copies=kv_cross)
+
+
+def _replica_routes(trace: RoutingTrace, placement: Placement, home_T: np.ndarray, prefill_T: np.ndarray,
+                    prev_T: np.ndarray, *, coherent: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ranks_TLK, pos_TL, anchor_TL) with replicated experts: a token on GPU c uses copy choice[l, e, c]
+    (placement/replicas.py). two_a2a: c is the home rank. coherent: c is where the token is, which is the
+    previous layer's anchor (the top-1 copy), and a decode token starts where the previous token of its
+    sequence ended, so tokens are followed in waves of sequence order (vectorised within a wave)."""
+    T, L, K = trace.experts_TLK.shape
+    choice_LEG = placement.copy_choice_LEG
+    experts_TLK = trace.experts_TLK.astype(np.int64)
+    layer_L1 = np.arange(L)[:, None]
+    if not coherent:
+        pos_TL = np.broadcast_to(home_T[:, None], (T, L))
+        ranks_TLK = choice_LEG[layer_L1[None], experts_TLK, home_T[:, None, None]]
+        return ranks_TLK, pos_TL, pos_TL
+    ranks_TLK = np.empty((T, L, K), dtype=np.int64)
+    pos_TL, anchor_TL = np.empty((T, L), dtype=np.int64), np.empty((T, L), dtype=np.int64)
+    chained_T = (prev_T >= 0) & ~prefill_T
+    chained_T[chained_T] = ~prefill_T[prev_T[chained_T]]
+    done_T = np.zeros(T, dtype=bool)
+    wave_T = ~chained_T
+    while wave_T.any():
+        w = np.flatnonzero(wave_T)
+        where_W = np.where(chained_T[w], anchor_TL[prev_T[w], L - 1] if L else 0, home_T[w])
+        for l in range(L):
+            pos_TL[w, l] = where_W
+            ranks_TLK[w, l] = choice_LEG[l][experts_TLK[w, l], where_W[:, None]]
+            where_W = np.where(prefill_T[w], home_T[w], ranks_TLK[w, l, 0])
+            anchor_TL[w, l] = where_W
+        done_T[w] = True
+        wave_T = chained_T & ~done_T & done_T[np.maximum(prev_T, 0)]
+    if not done_T.all():
+        raise AssertionError("a sequence's tokens form a cycle (sequence_order is broken)")
+    return ranks_TLK, pos_TL, anchor_TL
 
 
 def sequence_order(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -32,7 +32,8 @@ def check_placement(placement: Placement | None, config: ModelConfig, topology: 
     if placement is None:
         return contiguous_placement(config.num_moe_layers, config.num_experts, topology.cluster())
     placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts, what="the model")
-    placement.require_single_copy("serving")
+    if placement.anchors is not None:
+        placement.require_single_copy("an anchor table")
     if placement.num_gpus != topology.world_size:
         raise PlacementError(f"placement is for {placement.num_gpus} GPUs, but the EP group has "
                              f"{topology.world_size} ranks")
@@ -45,6 +46,7 @@ def load_predictor(path: str | Path | None, strategy: Strategy, placement: Place
     if path is None:
         raise InputError(f"strategy {strategy.value} needs a predictor file (--predictor)")
     from placement.predictor import SpeculativePredictor
+    placement.require_single_copy(f"strategy {strategy.value} (its predictor)")
     predictor = SpeculativePredictor.load(path)
     predictor.check_placement(placement)
     return predictor
@@ -67,8 +69,10 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
     model, report = load_model(model_dir, experts={m: mine_LX[m].tolist() for m in range(config.num_moe_layers)},
                                dtype=dtype, device=topology.device)
     coll = Collectives(topology, CommCounters())
-    dispatcher = make_dispatcher(strategy, coll, torch.as_tensor(placement.expert_to_gpu_LE), top_k=config.top_k,
-                                 hidden_size=config.hidden_size, dtype=dtype,
+    # this rank's column of the replica rule (placement/replicas.py): where its tokens go for each expert
+    choice_LE = torch.as_tensor(placement.copy_choice_LEG[:, :, topology.rank])
+    dispatcher = make_dispatcher(strategy, coll, choice_LE, top_k=config.top_k, hidden_size=config.hidden_size,
+                                 dtype=dtype,
                                  predictor=load_predictor(predictor_path, strategy, placement),
                                  anchors=placement.anchors, check_splits=check_splits, transport=transport,
                                  capacity=capacity)

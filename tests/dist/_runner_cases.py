@@ -118,12 +118,26 @@ NEW = 5
 STRATEGIES = (Strategy.TWO_A2A, Strategy.COHERENT)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WIDE_MODELS = ("qwen3_top8", "deepseek_v3")   # top-k >= 3 and MLA: every strategy, fp32 and bf16
+REPLICA_ONLY = ("mixtral_2experts",)            # fewer experts than ranks: replica_cases only
 
 
 def random_placement(L: int, E: int, G: int, seed: int) -> Placement:
     g = np.random.default_rng(seed)
     rows = [g.permutation(np.arange(E) // (E // G)) for _ in range(L)]
     return Placement(np.stack(rows), ClusterShape(gpus_per_node=G), solver={"name": "random", "seed": seed})
+
+
+def replicated_placement(L: int, E: int, G: int, gpus_per_node: int, seed: int) -> Placement:
+    """One extra slot per GPU, each holding a random expert the GPU does not hold yet: every layer has G
+    replicas on top of a random one-copy placement (schema version 2)."""
+    g = np.random.default_rng(seed)
+    copies = np.zeros((L, E, G), dtype=bool)
+    for l in range(L):
+        copies[l, np.arange(E), g.permutation(np.arange(E) // (E // G))] = True
+        for gpu in range(G):
+            copies[l, g.choice(np.flatnonzero(~copies[l, :, gpu])), gpu] = True
+    return Placement.from_copies(copies, ClusterShape(nodes=G // gpus_per_node, gpus_per_node=gpus_per_node),
+                                 solver={"name": "random+replicas", "seed": seed})
 
 
 def solved_placement(ckpt: Path, G: int, gpus_per_node: int) -> Placement:
@@ -183,7 +197,7 @@ def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> li
     """The lossless grid for G ranks (``models``: name -> checkpoint dir, see tests/dist/conftest.py)."""
     cases = []
     for name, ckpt in models.items():
-        if name == "qwen3_top2" and G != 2 or name in WIDE_MODELS:
+        if name == "qwen3_top2" and G != 2 or name in WIDE_MODELS or name in REPLICA_ONLY:
             continue
         cfg = ModelConfig.from_dir(ckpt)
         L, E = cfg.num_moe_layers, cfg.num_experts
@@ -223,6 +237,33 @@ def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> li
     cases += wide_model_cases(models, G, gpus_per_node, work_dir)
     if G > 1:
         cases += transport_cases(models, G, gpus_per_node, work_dir)
+        cases += replica_cases(models, G, gpus_per_node)
+    return cases
+
+
+def replica_cases(models: dict, G: int, gpus_per_node: int) -> list[RunCase]:
+    """Replicated experts (one extra copy per GPU) under both base strategies and every transport: the copy a
+    token uses depends on where it is (placement/replicas.py), and the counters must equal the simulator."""
+    cases = []
+    transports = [Transport.A2A, Transport.FIXED] + ([Transport.NODE_AWARE] if G // gpus_per_node > 1 else [])
+    for name in ("mixtral_top2", "mixtral_top1"):
+        ckpt = models[name]
+        cfg = ModelConfig.from_dir(ckpt)
+        placement = replicated_placement(cfg.num_moe_layers, cfg.num_experts, G, gpus_per_node, seed=G + 7)
+        for t in transports:
+            for strategy in STRATEGIES:
+                cases.append(RunCase(f"{name}/{strategy.value}/replicated[{t.value}]", ckpt, strategy, PROMPTS, NEW,
+                                     placement, record=True, transport=t))
+    if G == 4:   # 2 experts on 4 ranks: expert e on GPUs e and e + 2 (one per node), one slot per GPU
+        ckpt = models["mixtral_2experts"]
+        L = ModelConfig.from_dir(ckpt).num_moe_layers
+        copies = np.zeros((L, 2, G), dtype=bool)
+        copies[:, 0, [0, 2]] = copies[:, 1, [1, 3]] = True
+        placement = Placement.from_copies(copies, ClusterShape(nodes=2, gpus_per_node=2), solver={"name": "hand"})
+        for strategy in STRATEGIES:
+            for t in transports:
+                cases.append(RunCase(f"mixtral_2experts/{strategy.value}/replicated[{t.value}]", ckpt, strategy,
+                                     PROMPTS, NEW, placement, record=True, transport=t))
     return cases
 
 

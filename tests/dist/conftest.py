@@ -22,6 +22,8 @@ def dist_models(tiny_checkpoint) -> dict:
         "qwen3_top8": tiny_checkpoint("qwen3_moe", num_experts=16, num_experts_per_tok=8),
         # MLA (latent K/V cache), sigmoid group-limited top-4 router, shared expert, a first dense layer
         "deepseek_v3": tiny_checkpoint("deepseek_v3"),
+        # fewer experts than ranks (Mixtral's 8 experts on 16 GPUs, in small): only replicated placements fit
+        "mixtral_2experts": tiny_checkpoint("mixtral", num_local_experts=2, num_experts_per_tok=1),
     }
 
 

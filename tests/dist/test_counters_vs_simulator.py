@@ -24,7 +24,7 @@ from tests.dist._grid import GPUS_PER_NODE
 @pytest.mark.parametrize("G", [2, 4])
 def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
     grid, per_rank = dist_grid(G)
-    checked = speculative = moved = anchored = anchor_moved = 0
+    checked = speculative = moved = anchored = anchor_moved = replicated = replica_used = 0
     for i, case in enumerate(grid.runner):
         if not case.record or case.stagger or case.prefill_chunk or per_rank[0]["runner"][i]["retried_steps"]:
             continue   # (a step run again after a fixed buffer overflowed moves its rows twice: real, not modelled)
@@ -65,7 +65,16 @@ def test_counters_equal_the_simulator_on_the_recorded_routing(dist_grid, G):
             anchored += 1
             anchor_moved += not (np.array_equal(base.dispatch_L, sim.dispatch_L) and
                                  np.array_equal(base.local_activations_L, sim.local_activations_L))
+        if placement.has_replicas:   # the replicas must really have been used: activations off the primary copy
+            experts_TLK = res0["trace"].experts_TLK.astype(np.int64)
+            L_, G_ = placement.num_layers, placement.num_gpus
+            primary_TLK = placement.expert_to_gpu_LE[np.arange(L_)[None, :, None], experts_TLK]
+            layer_TLK = np.broadcast_to(np.arange(L_)[None, :, None], experts_TLK.shape)
+            primary_LG = np.bincount((layer_TLK * G_ + primary_TLK).ravel(), minlength=L_ * G_).reshape(L_, G_)
+            replicated += 1
+            replica_used += int(not np.array_equal(sim.load_LG, primary_LG))
     assert checked >= 16 and speculative >= 4 and moved >= 2 and anchored == 2 and anchor_moved >= 1
+    assert replicated >= 8 and replica_used == replicated
     assert {case.transport for i, case in enumerate(grid.runner)
             if case.record and not per_rank[0]["runner"][i]["retried_steps"]} >= \
         ({Transport.A2A, Transport.FIXED, Transport.NODE_AWARE} if G == 4 else {Transport.A2A, Transport.FIXED})

@@ -57,4 +57,4 @@ def _check_expert_share(case: RunCase, results: list[dict], G: int) -> None:
     for r, res in enumerate(results):
         want = {m: placement.experts_on(r)[m].tolist() for m in range(cfg.num_moe_layers)}
         assert res["loaded"] == want, f"{case.name}: rank {r} loaded {res['loaded']}"
-        assert res["expert_bytes"] == cfg.num_moe_layers * (cfg.num_experts // G) * per_expert, case.name
+        assert res["expert_bytes"] == cfg.num_moe_layers * placement.slots_per_gpu * per_expert, case.name

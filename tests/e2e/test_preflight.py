@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import psutil
 import pytest
 
@@ -80,16 +79,3 @@ def test_bad_model_or_dtype_starts_nothing(tmp_path, change, dtype, message):
     assert out.stderr.strip().startswith("epserve serve: error: ") and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
-
-def test_replicated_placement_is_refused_by_name(tmp_path):
-    """Schema version 2 carries replicas; serving them is not implemented yet: refused before torchrun."""
-    from placement.placement import Placement
-    copies = np.zeros((6, 16, 2), dtype=bool)
-    copies[:, :8, 0] = copies[:, 8:, 1] = True
-    copies[:, 0, 1] = copies[:, 8, 0] = True            # experts 0 and 8 on both GPUs: 9 slots each
-    path = tmp_path / "replicated.json"
-    Placement.from_copies(copies, ClusterShape(nodes=1, gpus_per_node=2)).save(path)
-    out = _serve("--nproc-per-node", "2", "--placement", str(path), marker=str(path))
-    assert out.returncode == 2
-    assert out.stderr.strip() == (f"epserve serve: error: layer 0, expert 0 has copies on GPUs [0, 1]: {path}: "
-                                  f"serving does not handle replicated experts yet (one copy per expert)")

@@ -66,10 +66,12 @@ def test_wire_rows_round_trip_bit_for_bit():
     codec = dispatch_codec(hidden_size=5, top_k=2, dtype=torch.bfloat16)
     x = torch.randn(3, 5).to(torch.bfloat16)
     vals = dict(x=x, topk_ids=T([1, 2], [3, 4], [5, 6]), topk_weights=torch.rand(3, 2),
-                token=T([7], [8], [9]), anchor=T([0], [1], [2]))
+                ranks=T([0, 3], [2, 2], [1, 0]), token=T([7], [8], [9]), anchor=T([0], [1], [2]))
     rows = codec.pack(torch.device("cpu"), **vals)
-    assert rows.dtype == torch.uint8 and rows.shape == (3, codec.row_bytes) and codec.row_bytes == 5 * 2 + 8 + 8 + 4 + 4
+    assert rows.dtype == torch.uint8 and rows.shape == (3, codec.row_bytes)
+    assert codec.row_bytes == 5 * 2 + 8 + 8 + 8 + 4 + 4   # x, ids, weights, chosen copies, token, anchor
     back = codec.unpack(rows)
+    assert back["ranks"].tolist() == [[0, 3], [2, 2], [1, 0]]
     assert torch.equal(back["x"], x) and torch.equal(back["topk_weights"], vals["topk_weights"])
     assert back["topk_ids"].tolist() == [[1, 2], [3, 4], [5, 6]] and back["token"][:, 0].tolist() == [7, 8, 9]
     with pytest.raises(ValueError, match="pack needs fields"):

@@ -19,7 +19,7 @@ from placement.transport import Transport
 # alpha 10 us on both classes, 1 GB/s inside a node, 0.1 GB/s across: easy arithmetic.
 HW = HardwareProfile(name="toy", intra_node=LinkProfile(alpha_s=10e-6, beta_bytes_per_s=1e9),
                      inter_node=LinkProfile(alpha_s=10e-6, beta_bytes_per_s=1e8))
-# hidden 1000 x 2 B; top-2: a dispatch row is 2000 + 2 x 8 + 8 = 2024 B, a combine row 4 + 2000 = 2004 B.
+# hidden 1000 x 2 B; top-2: a dispatch row is 2000 + 2 x 12 + 8 = 2032 B, a combine row 4 + 2000 = 2004 B.
 MODEL = ModelShape(hidden_size=1000, top_k=2, moe_layers=1, attention_layers=1, kv_entry_bytes=500)
 
 
@@ -34,7 +34,8 @@ TRACE = _trace([[[2, 3]], [[0, 1]]], E=4)
 
 
 def test_model_shape_rows_and_constructors():
-    assert (MODEL.dispatch_row_bytes, MODEL.combine_row_bytes) == (2024, 2004)
+    # hidden 1000 x 2 B + 2 experts x (id, weight, chosen copy: 12 B) + token + anchor; combine: + token
+    assert (MODEL.dispatch_row_bytes, MODEL.combine_row_bytes) == (2032, 2004)
     mixtral = ModelShape.from_fields(hidden_size=4096, num_layers=32, moe_layers=32, top_k=2, num_kv_heads=8,
                                      head_dim=128)
     assert mixtral.kv_entry_bytes == 2 * 8 * 128 * 2
@@ -57,16 +58,16 @@ PER_STEP_INTER_B = 2 * 128 + 2 * 72
 def test_a2a_two_a2a_by_hand():
     r = simulate(TRACE, PLACEMENT, Strategy.TWO_A2A)
     c = predict(r, model=MODEL, hardware=HW, tokens_per_step=2)    # the trace is one step
-    # dispatch: 0 -> 2, 0 -> 3 (inter: rank 0 sends 2 rows = 4048 B), 1 -> 0 (intra, 2024 B)
-    inter = 10e-6 + 2 * 2024 / 1e8
-    assert c.phase_s["dispatch"] == pytest.approx(max(inter, 10e-6 + 2024 / 1e9))
+    # dispatch: 0 -> 2, 0 -> 3 (inter: rank 0 sends 2 rows = 4064 B), 1 -> 0 (intra, 2032 B)
+    inter = 10e-6 + 2 * 2032 / 1e8
+    assert c.phase_s["dispatch"] == pytest.approx(max(inter, 10e-6 + 2032 / 1e9))
     assert c.phase_s["combine"] == pytest.approx(10e-6 + 2 * 2004 / 1e8)          # 2 -> 0, 3 -> 0 received by 0
     assert c.phase_s["counts"] == pytest.approx(10e-6 + 2 * 8 / 1e8)              # one int64 to each of 2 peers
     assert c.phase_s["plan"] == pytest.approx(PLAN_S) and c.phase_s["sampled_ids"] == pytest.approx(SAMPLED_S)
     assert c.layer_s == pytest.approx(c.phase_s["dispatch"] + c.phase_s["combine"] + c.phase_s["counts"])
     assert c.step_s == pytest.approx(c.layer_s + PLAN_S + SAMPLED_S)
     assert c.bottleneck == "inter_node"
-    assert c.bytes_per_step["inter_node"] == pytest.approx(2 * 2024 + 2 * 2004 + 4 * 2 * 8 + PER_STEP_INTER_B)
+    assert c.bytes_per_step["inter_node"] == pytest.approx(2 * 2032 + 2 * 2004 + 4 * 2 * 8 + PER_STEP_INTER_B)
     assert c.payload_bytes_per_step == c.bytes_per_step        # this profile has no per-message overhead
     # every call connects all 8 cross-node pairs (3 all-to-alls), the tree 2, the ring 2 edges x 2 x (G - 1)
     assert c.messages_per_step["inter_node"] == 3 * 8 + 2 + 2 * 6
@@ -78,13 +79,13 @@ def test_message_and_byte_overhead_on_a_shared_link():
                          inter_node=LinkProfile(alpha_s=10e-6, beta_bytes_per_s=1e8, shared_per_node=True,
                                                 message_overhead_bytes=100, payload_overhead=0.5))
     c = predict(simulate(TRACE, PLACEMENT, Strategy.TWO_A2A), model=MODEL, hardware=hw, tokens_per_step=2)
-    # dispatch: node 0 sends 2 rows x 2024 B x 1.5 + its 4 cross pairs x 100 B (half of each direction's 8
+    # dispatch: node 0 sends 2 rows x 2032 B x 1.5 + its 4 cross pairs x 100 B (half of each direction's 8
     # messages' overhead goes each way: 4 x (100 + 100) / 2); node 1 sends only that overhead
-    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + (2 * 2024 * 1.5 + 4 * 100) / 1e8)
+    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + (2 * 2032 * 1.5 + 4 * 100) / 1e8)
     # counts: nothing but overhead besides 8 B a pair: node 0 sends 4 x (8 x 1.5 + 100)
     assert c.phase_s["counts"] == pytest.approx(10e-6 + 4 * (8 * 1.5 + 100) / 1e8)
     messages = 3 * 8 + 2 + 12
-    payload = 2 * 2024 + 2 * 2004 + 4 * 2 * 8 + PER_STEP_INTER_B
+    payload = 2 * 2032 + 2 * 2004 + 4 * 2 * 8 + PER_STEP_INTER_B
     assert c.messages_per_step["inter_node"] == messages
     assert c.payload_bytes_per_step["inter_node"] == pytest.approx(payload)
     assert c.bytes_per_step["inter_node"] == pytest.approx(payload * 1.5 + messages * 100)
@@ -95,16 +96,16 @@ def test_token_bucket_link_hides_compute_and_serves_the_busiest_direction():
                          inter_node=LinkProfile(alpha_s=0.0, beta_bytes_per_s=1e5, shared_per_node=True,
                                                 burst_bytes=1000), step_fixed_s=0.01)
     c = predict(simulate(TRACE, PLACEMENT, Strategy.TWO_A2A), model=MODEL, hardware=hw, tokens_per_step=2)
-    # node 0 sends: dispatch 4048 + counts 4 x 8 + plan 2 x 128 + ring edge 1 -> 2 72 = 4408 B over the step
+    # node 0 sends: dispatch 4064 + counts 4 x 8 + plan 2 x 128 + ring edge 1 -> 2 72 = 4424 B over the step
     # (it receives 2 x 2004 + 32 + 72 = 4112); 5 calls may refill 5 buckets, more than the 10 ms of compute
     assert c.phase_s["compute"] == 0.01
-    assert c.step_s == pytest.approx(0.01 + 4408 / 1e5 - 0.01)
+    assert c.step_s == pytest.approx(0.01 + 4424 / 1e5 - 0.01)
     slow = replace(hw, step_fixed_s=0.1)                       # compute-bound: the link fits in the compute
     assert predict(simulate(TRACE, PLACEMENT, Strategy.TWO_A2A), model=MODEL, hardware=slow,
                    tokens_per_step=2).step_s == pytest.approx(0.1)
     plain = replace(hw, inter_node=replace(hw.inter_node, burst_bytes=0))   # no bucket: calls add up
     p = predict(simulate(TRACE, PLACEMENT, Strategy.TWO_A2A), model=MODEL, hardware=plain, tokens_per_step=2)
-    assert p.step_s == pytest.approx(0.01 + (4048 + 4008 + 32 + 256 + 72) / 1e5)
+    assert p.step_s == pytest.approx(0.01 + (4064 + 4008 + 32 + 256 + 72) / 1e5)
     assert "inter_node_bucket" not in p.phase_s
 
 
@@ -128,12 +129,12 @@ def test_plan_frame_and_counts_widths():
 def test_node_aware_halves_the_bottleneck_bytes_across_nodes():
     r = simulate(TRACE, PLACEMENT, Strategy.TWO_A2A, transport=Transport.NODE_AWARE)
     c = predict(r, model=MODEL, hardware=HW, tokens_per_step=2)
-    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + 2024 / 1e8)             # one row 0 -> 2 crosses
-    assert c.phase_s["dispatch_intra"] == pytest.approx(10e-6 + 2024 / 1e9)       # 2 -> 3 and 1 -> 0 (stage 1)
+    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + 2032 / 1e8)             # one row 0 -> 2 crosses
+    assert c.phase_s["dispatch_intra"] == pytest.approx(10e-6 + 2032 / 1e9)       # 2 -> 3 and 1 -> 0 (stage 1)
     assert c.phase_s["combine"] == pytest.approx(10e-6 + 2004 / 1e8)
     assert c.phase_s["counts"] == pytest.approx(10e-6 + 2 * 5 * 8 / 1e8)          # 1 + 2P int64 per peer
     assert c.collectives_per_step == 5 + 2
-    assert c.bytes_per_step["inter_node"] == pytest.approx(2024 + 2004 + 4 * 2 * 5 * 8 + PER_STEP_INTER_B)
+    assert c.bytes_per_step["inter_node"] == pytest.approx(2032 + 2004 + 4 * 2 * 5 * 8 + PER_STEP_INTER_B)
     # dispatch, combine and counts connect the 8 cross pairs; the in-node stages run on the nodes' own groups
     assert c.messages_per_step["inter_node"] == 3 * 8 + 2 + 12
     old = predict(r, model=MODEL, hardware=HW, tokens_per_step=2, wire=WIRE_CF21B95)
@@ -145,14 +146,14 @@ def test_fixed_moves_capacity_rows_in_steady_state():
     r = simulate(TRACE, PLACEMENT, Strategy.TWO_A2A, transport=Transport.FIXED)
     c = predict(r, model=MODEL, hardware=HW, tokens_per_step=2, capacity_factor=1.0)
     # capacity: 1 per peer (a pair never needs more here): each rank sends 1 row to its 2 other-node peers
-    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + 2 * 2024 / 1e8)
+    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + 2 * 2032 / 1e8)
     assert "counts" not in c.phase_s and c.collectives_per_step == 2 + 2
     # 4 tokens of the same row: pair (0, 2) needs 2 rows: the runtime doubled its factor until they fit (0.5 ->
     # 4: capacity 2) and kept it, so a steady step moves 2 rows to every peer once
     big = simulate(_trace([[[2, 3]], [[0, 1]], [[2, 3]], [[0, 1]]], E=4), PLACEMENT, Strategy.TWO_A2A,
                    home_rank_T=np.array([0, 1, 0, 1]), transport=Transport.FIXED)
     c = predict(big, model=MODEL, hardware=HW, tokens_per_step=4, capacity_factor=0.5)
-    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + 2 * 2 * 2024 / 1e8)
+    assert c.phase_s["dispatch"] == pytest.approx(10e-6 + 2 * 2 * 2032 / 1e8)
     assert c.collectives_per_step == 2 + 2
 
 
@@ -177,11 +178,11 @@ def test_choose_ranks_and_explains():
     cands = {(Strategy.TWO_A2A, t): simulate(TRACE, PLACEMENT, Strategy.TWO_A2A, transport=t) for t in Transport}
     best, rows, why = choose(cands, model=MODEL, hardware=HW, tokens_per_step=2)
     # bytes bound: node_aware's 4 calls + counts beat fixed's 2 and a2a's 2 + counts; each adds the plan
-    # broadcast and the sampled-id gather (22.0 us). a2a: 50.48 + 50.08 + 10.16 + 22.0 = 132.72 us
+    # broadcast and the sampled-id gather (22.0 us). a2a: 50.64 + 50.08 + 10.16 + 22.0 = 132.88 us
     assert best == (Strategy.TWO_A2A, Transport.NODE_AWARE)
     assert [r["transport"] for r in rows] == ["node_aware", "fixed", "a2a"]
-    assert [round(r["step_ms"] * 1e3, 2) for r in rows] == [117.11, 122.56, 132.72]
-    assert rows[1]["vs_baseline"] == pytest.approx(122.56 / 132.72, abs=1e-3)
+    assert [round(r["step_ms"] * 1e3, 2) for r in rows] == [117.2, 122.72, 132.88]
+    assert rows[1]["vs_baseline"] == pytest.approx(122.72 / 132.88, abs=1e-3)
     assert why.startswith("two_a2a+node_aware has the lowest modelled communication time: 0.117 ms per step of 2 "
                           "tokens") and "inter-node link" in why and "runner-up two_a2a+fixed" in why
     fast = HardwareProfile(name="fast-link", intra_node=LinkProfile(alpha_s=10e-6, beta_bytes_per_s=1e12),
