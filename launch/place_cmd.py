@@ -52,7 +52,8 @@ def register(subparsers) -> None:
     place.add_argument("--restarts", type=int, default=4, help="restarts of the search (local)")
     place.add_argument("--rounds", type=int, default=100, help="perturbation rounds per restart (local)")
     place.add_argument("--slot-decay", type=float, default=StatsOptions().slot_decay,
-                       help="weight of a pair of choices in slots (s, d) is SLOT_DECAY ** (s + d)")
+                       help="weight of a pair of choices in slots (s, d) is SLOT_DECAY ** (s + d) (default: auto, "
+                            "from the fit tokens per expert pair: 0.5 with many, up to 1 with few)")
     place.add_argument("--coact-weight", type=float, default=StatsOptions().coact_weight,
                        help="weight of intra-layer co-activation relative to inter-layer affinity")
     place.add_argument("--shrink", default="0", type=_shrink_arg, metavar="auto|A",
