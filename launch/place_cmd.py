@@ -34,6 +34,7 @@ from placement.report import comparison_rows, file_sha256, format_table
 from placement.simulate import SimOptions, Strategy, simulate
 from placement.transport import Transport
 from placement.solvers import SolveOptions, SolverKind, solve
+from placement.solvers.replicate import DEFAULT_MAX_IMBALANCE, add_replicas, spread_primaries
 from placement.solvers.shrinkage import choose_shrink
 from placement.stats import StatsOptions, compute_stats, objective, objective_upper_bound
 from placement.trace import RoutingTrace
@@ -69,6 +70,14 @@ def register(subparsers) -> None:
     place.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
                        help="fit a coherent anchor table (top-k > 1; default on): sum each token on the expert "
                             "rank most likely to hold its next layer's experts instead of its top-1 rank")
+    place.add_argument("--slots-per-gpu", type=int, metavar="S",
+                       help="expert copies per GPU per layer (default: experts / GPUs, no replicas); S x GPUs must "
+                            "be >= experts (fewer experts than GPUs works): the S x GPUs - experts extra slots hold "
+                            "replicas of hot experts (placement/solvers/replicate.py); no anchor table or predictor "
+                            "then (they take one copy per expert)")
+    place.add_argument("--max-imbalance", type=float, default=DEFAULT_MAX_IMBALANCE,
+                       help="with --slots-per-gpu: bound on max / mean GPU load per layer that the replicas aim at "
+                            f"(default {DEFAULT_MAX_IMBALANCE}); under it, ties go to affinity")
     _common(place)
     place.add_argument("-o", "--output", required=True, help="placement JSON to write")
     place.set_defaults(func=run_place)
@@ -125,9 +134,24 @@ def run_place(args) -> int:
     stats = compute_stats(fit, dataclasses.replace(stats_options, shrink=shrink["strength"]))
     options = SolveOptions(solver=SolverKind.parse(args.solver), time_limit=args.time_limit, seed=args.seed,
                            restarts=args.restarts, rounds=args.rounds, progress=progress)
-    solved = solve(stats, cluster, options)
-    if args.refine:
-        solved = _refine(fit, solved, stats, args)
+    E, G = trace.num_experts, cluster.num_gpus
+    replicate = args.slots_per_gpu is not None and args.slots_per_gpu * G != E
+    if args.slots_per_gpu is not None and args.slots_per_gpu * G < E:
+        raise InputError(f"--slots-per-gpu {args.slots_per_gpu} x {G} GPUs < {E} experts: every expert needs a slot")
+    if replicate and E % G:
+        progress(f"{E} experts on {G} GPUs: primaries spread (expert e on GPU e x {G} // {E}), then replicas")
+        solved = add_replicas(spread_primaries(trace.num_layers, E, G), fit, args.slots_per_gpu, cluster=cluster,
+                              max_imbalance=args.max_imbalance)
+        solved = dataclasses.replace(solved, solver={**solved.solver, "name": "spread+replicas"})
+    else:
+        solved = solve(stats, cluster, options)
+        if args.refine:
+            solved = _refine(fit, solved, stats, args)
+        if replicate:
+            progress(f"replicas: {args.slots_per_gpu * G - E} extra slots per layer")
+            solved = add_replicas(solved, fit, args.slots_per_gpu, max_imbalance=args.max_imbalance)
+    if replicate:
+        return _place_replicated(args, out, trace, fit, evaluate, solved, shrink)
     solver = {**solved.solver, "shrink": shrink}
     predictor = None
     if fit.has_token_ids:
@@ -156,6 +180,32 @@ def run_place(args) -> int:
     if predictor is not None:
         summary["predictor_accuracy"] = predictor.accuracy(evaluate, placement) if evaluate is not fit else None
     _print(args, summary, rows, placement.trace)
+    return 0
+
+
+def _place_replicated(args, out: Path, trace: RoutingTrace, fit: RoutingTrace, evaluate: RoutingTrace,
+                      solved: Placement, shrink: dict) -> int:
+    """Write a replicated (v2) placement and compare it with contiguous / round_robin where those exist."""
+    placement = dataclasses.replace(solved, solver={**solved.solver, "shrink": shrink},
+                                    trace=_provenance(args.trace, trace, fit, args.held_out))
+    placement.save(out)
+    placements = {"ours": placement}
+    if trace.num_experts % placement.num_gpus == 0:
+        stats = compute_stats(fit)
+        placements.update({kind.value: solve(stats, placement.cluster, SolveOptions(solver=kind))
+                           for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)})
+    rows = comparison_rows(evaluate, placements, [Strategy.TWO_A2A, Strategy.COHERENT])
+    summary = {"output": str(out), "solver": placement.solver, "objective": placement.objective,
+               "trace": placement.trace, "evaluated_on": _evaluated_on(args.held_out, evaluate), "rows": rows}
+    if args.json:
+        print(json.dumps(summary, indent=1, default=float))
+        return 0
+    r, load = placement.solver["replicas"], placement.objective["load"]
+    print(f"wrote {out}: solver {placement.solver['name']}, {placement.slots_per_gpu} slots per GPU, {r['added']} "
+          f"replicas, {r['rebalance_swaps']} rebalancing swaps; fit max/mean GPU load (two_a2a) "
+          f"{load['max_over_mean_before']:.3f} -> {load['max_over_mean']:.3f} (bound {r['max_imbalance']})")
+    print(f"traffic on {summary['evaluated_on']} of {placement.trace['path']}:")
+    print(format_table(rows))
     return 0
 
 
