@@ -15,8 +15,12 @@
              held out (fit on the first 60% of 4096 tokens, 2458, report on the rest): local with default
              options against block coordinate ascent over all top-k pairs (``coordinate_ascent_all_pairs``)
 
+    replicas a reduced DeepSeek-V3-like shape (16 layers x 64 experts, top-8, 2 x 8 GPUs, synthetic, 60/40):
+             max/mean GPU load and top-1 cross-GPU / cross-node rates held out for contiguous, local, and each with
+             one redundant slot per GPU filled by add_replicas (placement/solvers/replicate.py)
+
 Writes bench/results/placement_bench.{json,md} (--part X redoes one part and keeps the others).
-Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|prefix|scale] [--quick]
+Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|prefix|scale|replicas] [--quick]
 """
 
 from __future__ import annotations
@@ -492,6 +496,83 @@ SCALE_DSV3 = dict(num_tokens=4096, num_layers=58, num_experts=256, top_k=8, num_
                   stickiness=0.9, seed=0)
 
 
+# ---- replicas for load (issue 10 items 2 and 5, load part) -------------------------------------------------------
+# A reduced DeepSeek-V3-like shape (the full one is too slow for this part on 2 cores): 16 layers x 64 experts, top-8,
+# 2 nodes x 8 GPUs, 4 experts per GPU + one redundant slot; the scale part's routing (gamma(2) popularity per layer)
+REPLICA_SPEC = dict(num_tokens=16384, num_layers=16, num_experts=64, top_k=8, num_clusters=16, noise=0.2,
+                    stickiness=0.8, seed=0)
+
+
+def _top1_routes(trace, placement, coherent: bool) -> np.ndarray:
+    """[T, L] GPU of each token's top-1 expert copy (replica rule; coherent: from where its last top-1 left it)."""
+    from placement.simulate import sequence_order
+    T, L, _ = trace.experts_TLK.shape
+    G = placement.num_gpus
+    choice_LEG = placement.copy_choice_LEG
+    pos_T = sequence_order(trace)[0].astype(np.int64) % G
+    home_T = pos_T.copy()
+    out = np.empty((T, L), dtype=np.int64)
+    for l in range(L):
+        out[:, l] = choice_LEG[l, trace.experts_TLK[:, l, 0].astype(np.int64), pos_T]
+        pos_T = out[:, l] if coherent else home_T
+    return out
+
+
+def _replica_row(held, placement) -> dict:
+    row = {}
+    for strategy in (Strategy.TWO_A2A, Strategy.COHERENT):
+        r = simulate(held, placement, strategy)
+        g_TL = _top1_routes(held, placement, strategy.coherent)
+        assert int((g_TL[:, 1:] != g_TL[:, :-1]).sum()) == int(r.top1_cross_L.sum())   # the simulator's count
+        n_TL = g_TL // placement.cluster.gpus_per_node
+        row[strategy.value] = {"load_max_over_mean": float(r.load_max_over_mean_L.max()),
+                               "load_max_over_mean_avg": float(r.load_max_over_mean_L.mean()),
+                               "step_max_over_mean": float(r.load_LG.max(axis=1).sum() / r.load_LG.mean(axis=1).sum()),
+                               "top1_cross_gpu": float((g_TL[:, 1:] != g_TL[:, :-1]).mean()),
+                               "top1_cross_node": float((n_TL[:, 1:] != n_TL[:, :-1]).mean()),
+                               "transfers_per_token_layer": r.transfers_per_token_layer}
+    return row
+
+
+def replicas(quick: bool) -> dict:
+    from placement.solvers.replicate import add_replicas
+    spec = dict(REPLICA_SPEC, num_tokens=4096) if quick else REPLICA_SPEC
+    trace = synthetic_trace(SyntheticSpec(**spec))
+    fit, held = trace.split(0.6)
+    cluster = ClusterShape(nodes=2, gpus_per_node=8)
+    S = spec["num_experts"] // cluster.num_gpus + 1
+    stats = compute_stats(fit)
+    runs, times = {}, {}
+    runs["contiguous"] = solve(stats, cluster, SolveOptions(solver=SolverKind.CONTIGUOUS))
+    runs["local"] = solve(stats, cluster, SolveOptions())
+    for name, base, bound in (("local+replicas", "local", 1.05), ("local+replicas (bound 1.02)", "local", 1.02),
+                              ("contiguous+replicas", "contiguous", 1.05)):
+        t0 = time.perf_counter()
+        runs[name] = add_replicas(runs[base], fit, S, max_imbalance=bound)
+        times[name] = time.perf_counter() - t0
+    rows = []
+    for name, p in runs.items():
+        row = {"placement": name, "slots_per_gpu": p.slots_per_gpu, **_replica_row(held, p),
+               "replicate_s": times.get(name), "fit_load_max_over_mean": p.objective.get("load", {}).get("max_over_mean"),
+               "swaps": p.solver.get("replicas", {}).get("rebalance_swaps")}
+        rows.append(row)
+        c = row["coherent"]
+        print(f"replicas {name}: two_a2a max/mean {row['two_a2a']['load_max_over_mean']:.3f} "
+              f"(avg {row['two_a2a']['load_max_over_mean_avg']:.3f}), coherent {c['load_max_over_mean']:.3f}; top-1 "
+              f"cross-GPU / node coherent {c['top1_cross_gpu']:.4f} / {c['top1_cross_node']:.4f}", flush=True)
+    by = {r["placement"]: r for r in rows}
+    targets = {}
+    for strategy in ("two_a2a", "coherent"):
+        con, loc, rep = (by[k][strategy] for k in ("contiguous", "local", "local+replicas"))
+        targets[strategy] = {
+            "max_over_mean": rep["load_max_over_mean"], "max_over_mean_met": rep["load_max_over_mean"] <= 1.05,
+            **{f"{m}_gain_kept": (con[m] - rep[m]) / (con[m] - loc[m]) if con[m] != loc[m] else None
+               for m in ("top1_cross_gpu", "top1_cross_node")}}
+    return {"setup": f"synthetic {spec}; fit on the first 60% ({fit.num_tokens} tokens), all figures on the last 40% "
+                     f"({held.num_tokens}); 2 nodes x 8 GPUs, {S} slots per GPU for replicated rows (4 + 1)",
+            "rows": rows, "targets": targets}
+
+
 # ---- report ---------------------------------------------------------------------------------------------------
 def _md_table(headers: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
@@ -623,12 +704,35 @@ def markdown(results: dict) -> str:
               " / ".join(f"{r[k]['top1_cross_node']:.4f}" for k in ("local", "reference", "contiguous")),
               f"{r['local_fit']['top1_cross_gpu']:.4f} / {r['reference_fit']['top1_cross_gpu']:.4f}"]
              for r in s["heldout"]])
+    if "replicas" in results:
+        r = results["replicas"]
+        md += ["", "## Replicas for load (reduced DeepSeek-V3-like shape)", "", r["setup"], "",
+               "max/mean: busiest GPU's activations over the mean, worst layer (avg over layers); step: sum over layers "
+               "of the busiest GPU's load over the sum of means. Top-1 rates follow the replica rule (two_a2a: copy "
+               "by home rank; coherent: by where the token's previous top-1 left it).", ""]
+        md += _md_table(
+            ["placement", "S", "fit max/mean (model)", "two_a2a max/mean (avg) / step", "coherent max/mean (avg) / step",
+             "top-1 cross-GPU two_a2a / coherent", "top-1 cross-node two_a2a / coherent", "swaps", "replicate s"],
+            [[x["placement"], x["slots_per_gpu"],
+              f"{x['fit_load_max_over_mean']:.3f}" if x["fit_load_max_over_mean"] else "-",
+              *(f"{x[k]['load_max_over_mean']:.3f} ({x[k]['load_max_over_mean_avg']:.3f}) / "
+                f"{x[k]['step_max_over_mean']:.3f}" for k in ("two_a2a", "coherent")),
+              *(f"{x['two_a2a'][m]:.4f} / {x['coherent'][m]:.4f}" for m in ("top1_cross_gpu", "top1_cross_node")),
+              x["swaps"] if x["swaps"] is not None else "-",
+              f"{x['replicate_s']:.1f}" if x["replicate_s"] is not None else "-"] for x in r["rows"]])
+        for k, t in r["targets"].items():
+            kept = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+            md += [f"- {k}: local+replicas max/mean {t['max_over_mean']:.3f} (target <= 1.05: "
+                   f"{'met' if t['max_over_mean_met'] else 'NOT met'}); affinity gain kept (contiguous - ours) / "
+                   f"(contiguous - local): top-1 cross-GPU {kept(t['top1_cross_gpu_gain_kept'])}, cross-node "
+                   f"{kept(t['top1_cross_node_gain_kept'])} (target >= 90%)"]
+        md += [""]
     return "\n".join(md)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["heldout", "exact", "prefix", "scale", "all"], default="all")
+    parser.add_argument("--part", choices=["heldout", "exact", "prefix", "scale", "replicas", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke run, not the figures)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
@@ -644,7 +748,8 @@ def main() -> int:
     previous = args.out / f"{stem}.json"
     results = json.loads(previous.read_text()) if args.part != "all" and previous.is_file() else {}
     results["host"] = f"{os.cpu_count()} CPUs (shared), OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
-    for part, fn in (("heldout", heldout), ("exact", exact), ("prefix", prefix), ("scale", scale)):
+    for part, fn in (("heldout", heldout), ("exact", exact), ("prefix", prefix), ("scale", scale),
+                     ("replicas", replicas)):
         if args.part in (part, "all"):
             results[part] = fn(args.quick)
             results.setdefault("commands", {})[part] = " ".join(["python"] + sys.argv)
