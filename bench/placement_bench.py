@@ -550,6 +550,9 @@ def replicas(quick: bool) -> dict:
         t0 = time.perf_counter()
         runs[name] = add_replicas(runs[base], fit, S, max_imbalance=bound)
         times[name] = time.perf_counter() - t0
+    # diagnostic, not a result: replicas chosen on the held-out tokens themselves (in-sample): how much of the held-out
+    # imbalance is the sampling noise of the fit part rather than what one redundant slot per GPU can do
+    runs["local+replicas in-sample (diagnostic)"] = add_replicas(runs["local"], held, S)
     rows = []
     for name, p in runs.items():
         row = {"placement": name, "slots_per_gpu": p.slots_per_gpu, **_replica_row(held, p),
