@@ -39,7 +39,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,8 +48,9 @@ from placement.anchor import fit_anchor_table  # noqa: E402
 from placement.refine import refine_placement  # noqa: E402
 from placement.simulate import Strategy, simulate  # noqa: E402
 from placement.solvers import SolveOptions, SolverKind, solve  # noqa: E402
+from placement.solvers.reference import coordinate_ascent_all_pairs  # noqa: E402
 from placement.solvers.shrinkage import choose_shrink  # noqa: E402
-from placement.stats import StatsOptions, compute_stats, objective, saving_GG  # noqa: E402
+from placement.stats import StatsOptions, compute_stats, objective  # noqa: E402
 from placement.synthetic import SyntheticSpec, planted_placement, synthetic_trace  # noqa: E402
 
 FLAME = ROOT.parent / "shared" / "traces" / "flame-moe-290m" / "flame290m_encoder_2048tok_top6.npz"
@@ -371,37 +371,6 @@ def _scale_run(args: dict) -> dict:
             **{f"planted_{k}": v for k, v in _traffic(trace, planted).items()},
             **{f"contiguous_two_a2a_{k}": v for k, v in _traffic(
                 trace, solve(stats, cluster, SolveOptions(solver=SolverKind.CONTIGUOUS)), Strategy.TWO_A2A).items()}}
-
-
-def coordinate_ascent_all_pairs(trace, cluster, max_sweeps: int = 50) -> np.ndarray:
-    """[L, E] the reference of issue 10 item 5: from contiguous, with layers l-1 and l+1 fixed, give layer l's
-    experts to GPUs by a linear assignment on the affinity of every (i, j) pair of a token's top-k choices at l
-    and l+1 (all pairs alike, no co-activation); sweep the layers until a sweep gains nothing."""
-    L, E, G = trace.num_layers, trace.num_experts, cluster.num_gpus
-    M = E // G
-    A_LEE = compute_stats(trace, StatsOptions(slot_decay=1.0, coact_weight=0.0)).affinity_LEE
-    S_GG = saving_GG(cluster)
-    p_LE = np.tile(np.arange(E) // M, (L, 1))
-    value = lambda p: sum(float((A_LEE[l] * S_GG[p[l][:, None], p[l + 1][None, :]]).sum())  # noqa: E731
-                          for l in range(L - 1))
-    best = value(p_LE)
-    for _ in range(max_sweeps):
-        for l in range(L):
-            H_EG = np.zeros((E, G))
-            if l > 0:
-                H_EG += A_LEE[l - 1].T @ S_GG[p_LE[l - 1]]
-            if l < L - 1:
-                H_EG += A_LEE[l] @ S_GG[p_LE[l + 1]]
-            rows, cols = linear_sum_assignment(np.repeat(H_EG, M, axis=1), maximize=True)
-            new_E = np.empty(E, dtype=np.int64)
-            new_E[rows] = cols // M
-            if H_EG[np.arange(E), new_E].sum() > H_EG[np.arange(E), p_LE[l]].sum() + 1e-9:
-                p_LE[l] = new_E
-        now = value(p_LE)
-        if now <= best + 1e-12 * abs(best):
-            break
-        best = now
-    return p_LE
 
 
 def _top1_cross(trace, p_LE, cluster) -> dict:
