@@ -73,8 +73,8 @@ def register(subparsers) -> None:
     place.add_argument("--slots-per-gpu", type=int, metavar="S",
                        help="expert copies per GPU per layer (default: experts / GPUs, no replicas); S x GPUs must "
                             "be >= experts (fewer experts than GPUs works): the S x GPUs - experts extra slots hold "
-                            "replicas of hot experts (placement/solvers/replicate.py); no anchor table or predictor "
-                            "then (they take one copy per expert)")
+                            "replicas of hot experts (placement/solvers/replicate.py); no predictor then (it takes "
+                            "one copy per expert)")
     place.add_argument("--max-imbalance", type=float, default=DEFAULT_MAX_IMBALANCE,
                        help="with --slots-per-gpu: bound on max / mean GPU load per layer that the replicas aim at "
                             f"(default {DEFAULT_MAX_IMBALANCE}); under it, ties go to affinity")
@@ -186,10 +186,14 @@ def run_place(args) -> int:
 def _place_replicated(args, out: Path, trace: RoutingTrace, fit: RoutingTrace, evaluate: RoutingTrace,
                       solved: Placement, shrink: dict) -> int:
     """Write a replicated (v2) placement and compare it with contiguous / round_robin where those exist."""
-    placement = dataclasses.replace(solved, solver={**solved.solver, "shrink": shrink},
-                                    trace=_provenance(args.trace, trace, fit, args.held_out))
+    anchors, solver = None, {**solved.solver, "shrink": shrink}
+    if args.anchors and fit.top_k > 1:   # the digest covers the copies: refused for any other placement
+        anchors = fit_anchor_table(fit, solved.copies_LEG, solved.num_gpus)
+        solver["anchors"] = out.with_name(out.stem + ".anchors.npz").name
+    placement = dataclasses.replace(solved, solver=solver,
+                                    trace=_provenance(args.trace, trace, fit, args.held_out), anchors=anchors)
     placement.save(out)
-    placements = {"ours": placement}
+    placements = _ours(placement)
     if trace.num_experts % placement.num_gpus == 0:
         stats = compute_stats(fit)
         placements.update({kind.value: solve(stats, placement.cluster, SolveOptions(solver=kind))

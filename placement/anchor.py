@@ -9,7 +9,9 @@ Shapes: T tokens, N tokens of one layer, L MoE layers, K experts per token (top-
 The rule (binding: simulator and runtime use exactly this). A decode token at MoE layer l picks experts
 e_1..e_K (router-weight order) on ranks r_1..r_K. Each candidate rank gets the integer score
 ``score(r) = sum_k score_LEG[l, e_k, r]``; the anchor is the r_k with the largest score(r_k), ties to the
-smallest k (so an all-zero layer gives r_1, the rank of the top-1 expert: the rule without a table). The
+smallest k (so an all-zero layer gives r_1, the rank of the top-1 expert: the rule without a table). With
+replicated experts r_k is the copy the token uses from where it is (placement/replicas.py), so the candidates
+are the ranks it really sends to. The
 anchor is always one of the token's expert ranks, so the combine costs |R| - 1 transfers whichever is chosen;
 what the choice changes is where the token starts layer l+1, which saves a dispatch transfer when that rank is
 among its next experts' ranks. It never changes outputs: only where the sum happens and where the token lives.
@@ -42,9 +44,26 @@ SMOOTHING = 1.0           # add-one: an expert never seen gets p = 1/2
 DEFAULT_BALANCE = 1.0     # strength of the anchored-load term (0: affinity alone)
 
 
-def expert_table_digest(expert_to_gpu_LE: np.ndarray) -> str:
-    """sha256 of an expert -> GPU table: ties an anchor table to the placement it was fitted for."""
-    return hashlib.sha256(np.ascontiguousarray(expert_to_gpu_LE, dtype=np.int64).tobytes()).hexdigest()
+COPIES_DIGEST_PREFIX = "copies:"   # digest of a replicated placement's copies table (placement schema v2)
+
+
+def expert_table_digest(table: np.ndarray) -> str:
+    """sha256 of the placement an anchor table is fitted for: ties the table to that placement.
+
+    ``table``: an expert -> GPU table (int [L, E]) or a copies table (bool [L, E, G]: GPU g holds a copy of
+    expert e, ``Placement.copies_LEG``). A copies table with one copy per expert digests as its expert -> GPU
+    table (the digest of one-copy placements is unchanged by schema v2); with replicas it digests the copies
+    themselves, prefixed ``copies:``, so a table fitted for one replicated placement is refused for another."""
+    t = np.asarray(table)
+    if t.ndim == 3:
+        c = t.astype(bool)
+        if (c.sum(axis=2) == 1).all():
+            t = np.argmax(c, axis=2)
+        else:
+            shape = np.asarray(c.shape, dtype=np.int64).tobytes()
+            return COPIES_DIGEST_PREFIX + hashlib.sha256(shape + np.ascontiguousarray(c, dtype=np.uint8).tobytes()
+                                                         ).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(t, dtype=np.int64).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,12 +86,25 @@ class AnchorTable:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.score_LEG.shape)
 
-    def check_fits(self, expert_to_gpu_LE: np.ndarray, num_gpus: int) -> None:
-        L, E = expert_to_gpu_LE.shape
-        if self.shape != (L, E, num_gpus):
+    @property
+    def replicated(self) -> bool:
+        """Fitted for a placement with replicated experts (its digest covers the copies)."""
+        return self.placement_sha256.startswith(COPIES_DIGEST_PREFIX)
+
+    def check_fits(self, table: np.ndarray, num_gpus: int) -> None:
+        """Refuse a placement this table was not fitted for. ``table``: the placement's copies (bool [L, E, G]:
+        shape and digest are checked) or an expert -> GPU table (int [L, E]). For a table fitted for a
+        replicated placement an [L, E] table (its primaries, or one rank's column of the copy rule, which is
+        what the runtime holds) cannot name the placement: only the shape is checked then, so pass the copies
+        where they are known."""
+        t = np.asarray(table)
+        L, E = t.shape[:2]
+        if self.shape != (L, E, num_gpus) or (t.ndim == 3 and t.shape[2] != num_gpus):
             raise PlacementError(f"anchor table is for {self.shape[0]} layers x {self.shape[1]} experts x "
                                  f"{self.shape[2]} GPUs, the placement has {L} x {E} x {num_gpus}")
-        if self.placement_sha256 != expert_table_digest(expert_to_gpu_LE):
+        if t.ndim == 2 and self.replicated:
+            return
+        if self.placement_sha256 != expert_table_digest(t):
             raise PlacementError("anchor table was fitted for a different placement (expert -> GPU table "
                                  "digest differs); refit it with epserve place")
 
@@ -120,19 +152,36 @@ def anchor_slots(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndar
     return np.argmax(key_NK, axis=1)
 
 
-def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int, *,
+def fit_anchor_table(trace, table: np.ndarray, num_gpus: int, *,
                      balance: float = DEFAULT_BALANCE) -> AnchorTable:
-    """Fit the scores on ``trace`` (a RoutingTrace: the fit part only) for this expert -> GPU table.
-    ``balance`` > 0 adds the load-balance term (:func:`_balance`): 0 keeps the pure affinity rule."""
+    """Fit the scores on ``trace`` (a RoutingTrace: the fit part only) for this placement: ``table`` is its
+    expert -> GPU table (int [L, E]) or its copies (bool [L, E, G], ``Placement.copies_LEG``; pass the copies for
+    a replicated placement: the table's digest then covers them). ``balance`` > 0 adds the load-balance term
+    (:func:`_balance`): 0 keeps the pure affinity rule.
+
+    With replicated experts, "r in R_{l+1}" becomes "r holds a copy of one of the token's experts at l+1": an
+    anchor there saves that dispatch transfer whichever copy the rule would pick from elsewhere (a token on a
+    GPU holding a copy uses it, placement/replicas.py). The candidate ranks that the balance term counts anchors
+    over are the primary copies (the chosen copies depend on where each token is; any scores give a lossless
+    rule, so this only shifts the balance, never correctness)."""
     from placement.simulate import sequence_order   # simulate uses this module: import where needed
     experts_TLK = trace.experts_TLK.astype(np.int64)
     T, L, K = experts_TLK.shape
-    E, G = expert_to_gpu_LE.shape[1], num_gpus
-    if expert_to_gpu_LE.shape[0] != L:
-        raise InputError(f"trace has {L} MoE layers, the placement {expert_to_gpu_LE.shape[0]}")
+    t = np.asarray(table)
+    E, G = t.shape[1], num_gpus
+    if t.shape[0] != L:
+        raise InputError(f"trace has {L} MoE layers, the placement {t.shape[0]}")
+    if t.ndim == 3:
+        copies_LEG = t.astype(bool)
+        expert_to_gpu_LE = np.argmax(copies_LEG, axis=2).astype(np.int64)
+    else:
+        expert_to_gpu_LE = t.astype(np.int64)
+        copies_LEG = np.zeros((L, E, G), dtype=bool)
+        np.put_along_axis(copies_LEG, expert_to_gpu_LE[:, :, None], True, axis=2)
     ranks_TLK = expert_to_gpu_LE[np.arange(L)[None, :, None], experts_TLK]
     member_TLG = np.zeros((T, L, G), dtype=np.float64)
-    np.put_along_axis(member_TLG, ranks_TLK, 1.0, axis=2)
+    for l in range(L):   # r holds a copy of one of the token's experts at l
+        member_TLG[:, l] = copies_LEG[l][experts_TLK[:, l]].any(axis=1)
     score_LEG = np.zeros((L, E, G), dtype=np.int32)
     for l in range(L - 1):
         score_LEG[l] = _scores(experts_TLK[:, l], member_TLG[:, l + 1], E)
@@ -144,7 +193,7 @@ def fit_anchor_table(trace, expert_to_gpu_LE: np.ndarray, num_gpus: int, *,
         for l in range(L):
             score_LEG[l] = _balance(score_LEG[l], experts_TLK[:, l], ranks_TLK[:, l], G, balance)
     meta = {"fit_tokens": int(T), "chained_tokens": int(len(chained_T)), "scale": SCALE, "balance": balance}
-    return AnchorTable(score_LEG, expert_table_digest(expert_to_gpu_LE), meta)
+    return AnchorTable(score_LEG, expert_table_digest(t if t.ndim == 3 else expert_to_gpu_LE), meta)
 
 
 def _balance(score_EG: np.ndarray, experts_NK: np.ndarray, ranks_NK: np.ndarray, G: int, strength: float,

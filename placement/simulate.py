@@ -65,6 +65,7 @@ from enum import Enum
 
 import numpy as np
 
+from placement.anchor import choose_anchors
 from placement.errors import InputError, PlacementError, TraceError, parse_enum
 from placement.placement import Placement
 from placement.trace import RoutingTrace
@@ -250,8 +251,6 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
 
     top1_TL = ranks_TLK[:, :, 0]
     if placement.has_replicas:   # where a token is decides which copy it uses: follow each token in order
-        if placement.anchors is not None:
-            placement.require_single_copy("the simulator with an anchor table")
         if strategy.needs_predictor:
             placement.require_single_copy(f"the simulator with strategy {strategy.value}")
         ranks_TLK, pos_TL, anchor_TL = _replica_routes(trace, placement, home_T, prefill_T, prev_T,
@@ -320,8 +319,9 @@ def _replica_routes(trace: RoutingTrace, placement: Placement, home_T: np.ndarra
                     prev_T: np.ndarray, *, coherent: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ranks_TLK, pos_TL, anchor_TL) with replicated experts: a token on GPU c uses copy choice[l, e, c]
     (placement/replicas.py). two_a2a: c is the home rank. coherent: c is where the token is, which is the
-    previous layer's anchor (the top-1 copy), and a decode token starts where the previous token of its
-    sequence ended, so tokens are followed in waves of sequence order (vectorised within a wave)."""
+    previous layer's anchor (the top-1 copy, or with an anchor table the chosen copy the table scores highest:
+    ``choose_anchors`` over the copies the token uses from c), and a decode token starts where the previous
+    token of its sequence ended, so tokens are followed in waves of sequence order (vectorised within a wave)."""
     T, L, K = trace.experts_TLK.shape
     choice_LEG = placement.copy_choice_LEG
     experts_TLK = trace.experts_TLK.astype(np.int64)
@@ -330,6 +330,7 @@ def _replica_routes(trace: RoutingTrace, placement: Placement, home_T: np.ndarra
         pos_TL = np.broadcast_to(home_T[:, None], (T, L))
         ranks_TLK = choice_LEG[layer_L1[None], experts_TLK, home_T[:, None, None]]
         return ranks_TLK, pos_TL, pos_TL
+    score_LEG = None if placement.anchors is None else placement.anchors.score_LEG
     ranks_TLK = np.empty((T, L, K), dtype=np.int64)
     pos_TL, anchor_TL = np.empty((T, L), dtype=np.int64), np.empty((T, L), dtype=np.int64)
     chained_T = (prev_T >= 0) & ~prefill_T
@@ -342,7 +343,9 @@ def _replica_routes(trace: RoutingTrace, placement: Placement, home_T: np.ndarra
         for l in range(L):
             pos_TL[w, l] = where_W
             ranks_TLK[w, l] = choice_LEG[l][experts_TLK[w, l], where_W[:, None]]
-            where_W = np.where(prefill_T[w], home_T[w], ranks_TLK[w, l, 0])
+            decode_W = ranks_TLK[w, l, 0] if score_LEG is None else \
+                choose_anchors(score_LEG[l], experts_TLK[w, l], ranks_TLK[w, l])
+            where_W = np.where(prefill_T[w], home_T[w], decode_W)
             anchor_TL[w, l] = where_W
         done_T[w] = True
         wave_T = chained_T & ~done_T & done_T[np.maximum(prev_T, 0)]

@@ -32,8 +32,6 @@ def check_placement(placement: Placement | None, config: ModelConfig, topology: 
     if placement is None:
         return contiguous_placement(config.num_moe_layers, config.num_experts, topology.cluster())
     placement.check_fits(num_layers=config.num_moe_layers, num_experts=config.num_experts, what="the model")
-    if placement.anchors is not None:
-        placement.require_single_copy("an anchor table")
     if placement.num_gpus != topology.world_size:
         raise PlacementError(f"placement is for {placement.num_gpus} GPUs, but the EP group has "
                              f"{topology.world_size} ranks")

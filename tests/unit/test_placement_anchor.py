@@ -173,3 +173,96 @@ def test_table_errors_name_the_problem(tmp_path):
     np.savez(tmp_path / "list.npz", header=np.array("[1, 2]"), score=np.zeros((1, 4, 2), dtype=np.int32))
     with pytest.raises(PlacementError, match="bad anchor table header .not a JSON object"):
         AnchorTable.load(tmp_path / "list.npz")
+
+
+# ---- replicated experts (placement schema v2) --------------------------------------------------------------------
+def _replicated(seed: int, L=2, E=4, G=4, P=2) -> Placement:
+    """Experts e on GPU e (one each), plus one random extra copy per GPU."""
+    g = np.random.default_rng(seed)
+    copies = np.zeros((L, E, G), dtype=bool)
+    for l in range(L):
+        copies[l, np.arange(E), g.permutation(E)] = True
+        for gpu in range(G):
+            copies[l, g.choice(np.flatnonzero(~copies[l, :, gpu])), gpu] = True
+    return Placement.from_copies(copies, ClusterShape(nodes=G // P, gpus_per_node=P))
+
+
+def test_digest_covers_the_copies_and_a_table_is_refused_for_another_replicated_placement():
+    one = Placement(CONTIGUOUS, ClusterShape(gpus_per_node=2))
+    assert expert_table_digest(one.copies_LEG) == expert_table_digest(CONTIGUOUS)   # one copy: unchanged
+    # 4 experts, 2 GPUs of 3 slots: GPU 0 holds {0, 1, 2}; GPU 1 holds {2, 3, 0} (a) or {2, 3, 1} (b), so the
+    # primaries (lowest GPU) agree, the replicas differ
+    cluster = ClusterShape(gpus_per_node=2)
+    copies_a, copies_b = np.zeros((1, 4, 2), dtype=bool), np.zeros((1, 4, 2), dtype=bool)
+    copies_a[0, [0, 1, 2], 0] = copies_b[0, [0, 1, 2], 0] = True
+    copies_a[0, [2, 3, 0], 1] = copies_b[0, [2, 3, 1], 1] = True
+    a, b = Placement.from_copies(copies_a, cluster), Placement.from_copies(copies_b, cluster)
+    assert np.array_equal(a.expert_to_gpu_LE, b.expert_to_gpu_LE) and a.has_replicas and b.has_replicas
+    da, db = expert_table_digest(a.copies_LEG), expert_table_digest(b.copies_LEG)
+    assert da != db and da != expert_table_digest(a.expert_to_gpu_LE)
+    table = AnchorTable(np.ones((1, 4, 2), dtype=np.int32), da)
+    assert table.replicated
+    table.check_fits(a.copies_LEG, 2)
+    with pytest.raises(PlacementError, match="different placement"):
+        table.check_fits(b.copies_LEG, 2)
+    table.check_fits(a.copy_choice_LEG[:, :, 1], 2)   # the runtime's column: only the shape can be checked
+    with pytest.raises(PlacementError, match="1 x 4 x 4"):
+        table.check_fits(np.zeros((1, 4), dtype=np.int64), 4)
+    assert a.with_anchors(table).anchors is table     # a replicated placement takes the table
+
+
+def _coherent_reference(trace: RoutingTrace, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token loop (no prefill, every token its own sequence unless chained in row order): dispatch and
+    combine per layer under coherent with replicas and an anchor table."""
+    T, L, K = trace.experts_TLK.shape
+    choice, score = placement.copy_choice_LEG, placement.anchors.score_LEG
+    G = placement.num_gpus
+    seq = trace.seq_ids_T if trace.seq_ids_T is not None else np.arange(T)
+    last = {}
+    dispatch, combine = np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.int64)
+    for t in range(T):   # rows of a sequence are in position order in these traces
+        c = last.get(int(seq[t]), int(seq[t]) % G)
+        for l in range(L):
+            es = [int(e) for e in trace.experts_TLK[t, l]]
+            rs = [int(choice[l, e, c]) for e in es]
+            sc = [sum(int(score[l, e, r]) for e in es) for r in rs]
+            a = rs[max(range(K), key=lambda k: (sc[k], -k))]
+            dispatch[l] += len(set(rs) - {c})
+            combine[l] += len(set(rs) - {a})
+            c = a
+        last[int(seq[t])] = c
+    return dispatch, combine
+
+
+def test_simulator_follows_the_table_over_the_chosen_copies():
+    g = np.random.default_rng(3)
+    placement = _replicated(1)
+    T, L, E = 60, 2, 4
+    experts = np.stack([np.stack([g.choice(E, 2, replace=False) for _ in range(L)]) for _ in range(T)])
+    trace = RoutingTrace(experts.astype(np.int16), np.broadcast_to(np.float32([0.6, 0.4]), experts.shape).copy(),
+                         E, None, (np.arange(T) % 5).astype(np.int32), (np.arange(T) // 5).astype(np.int32))
+    score = g.integers(-50, 50, size=(L, E, 4)).astype(np.int32)
+    anchored = placement.with_anchors(AnchorTable(score, expert_table_digest(placement.copies_LEG)))
+    r = simulate(trace, anchored, Strategy.COHERENT)
+    want_d, want_c = _coherent_reference(trace, anchored)
+    assert (r.dispatch_L.tolist(), r.combine_L.tolist()) == (want_d.tolist(), want_c.tolist())
+    top1 = simulate(trace, placement, Strategy.COHERENT)
+    assert top1.dispatch_L.tolist() != r.dispatch_L.tolist()   # the table really moved tokens
+
+
+def test_fit_on_copies_counts_any_copy_of_the_next_experts():
+    # layer 1: every GPU holds every expert, so every token's next layer is "on" every rank: p = q = 4/5
+    copies = np.zeros((2, 4, 2), dtype=bool)
+    copies[0, [0, 1], 0] = copies[0, [2, 3], 1] = True
+    copies[1] = True
+    trace = _trace(TOP2)
+    table = fit_anchor_table(trace, copies, 2, balance=0)
+    assert table.replicated and table.placement_sha256 == expert_table_digest(copies)
+    seen = {0: 1, 1: 0, 2: 3, 3: 2}   # tokens at layer 0 with each expert
+    for e, n in seen.items():
+        assert table.score_LEG[0, e].tolist() == [_nb((n + 1) / (n + 2), 4 / 5)] * 2
+    # one copy per expert: the same table as fitted on the expert -> GPU table
+    one = np.zeros((2, 4, 2), dtype=bool)
+    np.put_along_axis(one, CONTIGUOUS[:, :, None], True, axis=2)
+    a, b = fit_anchor_table(trace, one, 2), fit_anchor_table(trace, CONTIGUOUS, 2)
+    assert np.array_equal(a.score_LEG, b.score_LEG) and a.placement_sha256 == b.placement_sha256
