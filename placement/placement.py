@@ -103,8 +103,8 @@ class Placement:
             raise PlacementError(f"layer {l}: GPU {g} holds {int(count_LG[l, g])} copies, every GPU must hold the "
                                  f"same number of slots ({S}, as GPU 0 of layer 0)")
         object.__setattr__(self, "expert_to_gpu_LE", np.argmax(c, axis=2).astype(np.int64))
-        if self.anchors is not None:
-            self.anchors.check_fits(self.expert_to_gpu_LE, G)
+        if self.anchors is not None:   # a table fitted for other copies is refused (its digest covers them)
+            self.anchors.check_fits(c, G)
 
     @classmethod
     def from_copies(cls, copies_LEG: np.ndarray, cluster: ClusterShape, **fields) -> "Placement":

@@ -254,6 +254,12 @@ def replica_cases(models: dict, G: int, gpus_per_node: int) -> list[RunCase]:
             for strategy in STRATEGIES:
                 cases.append(RunCase(f"{name}/{strategy.value}/replicated[{t.value}]", ckpt, strategy, PROMPTS, NEW,
                                      placement, record=True, transport=t))
+        if cfg.top_k > 1:   # an anchor table over the chosen copies (random scores: far from the top-1 copy)
+            from placement.anchor import AnchorTable, expert_table_digest
+            score_LEG = np.random.default_rng(G + 11).integers(0, 1000, size=placement.copies_LEG.shape)
+            anchored = placement.with_anchors(AnchorTable(score_LEG, expert_table_digest(placement.copies_LEG)))
+            cases.append(RunCase(f"{name}/coherent/replicated+random_anchors", ckpt, Strategy.COHERENT, PROMPTS,
+                                 NEW, anchored, record=True))
     if G == 4:   # 2 experts on 4 ranks: expert e on GPUs e and e + 2 (one per node), one slot per GPU
         ckpt = models["mixtral_2experts"]
         L = ModelConfig.from_dir(ckpt).num_moe_layers
