@@ -73,8 +73,8 @@ def register(subparsers) -> None:
     place.add_argument("--slots-per-gpu", type=int, metavar="S",
                        help="expert copies per GPU per layer (default: experts / GPUs, no replicas); S x GPUs must "
                             "be >= experts (fewer experts than GPUs works): the S x GPUs - experts extra slots hold "
-                            "replicas of hot experts (placement/solvers/replicate.py); no predictor then (it takes "
-                            "one copy per expert)")
+                            "replicas of hot experts (placement/solvers/replicate.py); the predictor (when the trace "
+                            "has vocabulary ids) predicts ranks that hold a copy")
     place.add_argument("--max-imbalance", type=float, default=DEFAULT_MAX_IMBALANCE,
                        help="with --slots-per-gpu: bound on max / mean GPU load per layer that the replicas aim at "
                             f"(default {DEFAULT_MAX_IMBALANCE}); under it, ties go to affinity")
@@ -187,20 +187,29 @@ def _place_replicated(args, out: Path, trace: RoutingTrace, fit: RoutingTrace, e
                       solved: Placement, shrink: dict) -> int:
     """Write a replicated (v2) placement and compare it with contiguous / round_robin where those exist."""
     anchors, solver = None, {**solved.solver, "shrink": shrink}
+    predictor = None
+    if fit.has_token_ids:   # its digest covers the copies too
+        predictor = SpeculativePredictor.build(fit, solved, PredictorOptions())
+        solver["predictor"] = out.with_name(out.stem + ".predictor.npz").name
     if args.anchors and fit.top_k > 1:   # the digest covers the copies: refused for any other placement
         anchors = fit_anchor_table(fit, solved.copies_LEG, solved.num_gpus)
         solver["anchors"] = out.with_name(out.stem + ".anchors.npz").name
     placement = dataclasses.replace(solved, solver=solver,
                                     trace=_provenance(args.trace, trace, fit, args.held_out), anchors=anchors)
+    if predictor is not None:
+        predictor.save(out.with_name(solver["predictor"]))
     placement.save(out)
     placements = _ours(placement)
     if trace.num_experts % placement.num_gpus == 0:
         stats = compute_stats(fit)
         placements.update({kind.value: solve(stats, placement.cluster, SolveOptions(solver=kind))
                            for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)})
-    rows = comparison_rows(evaluate, placements, [Strategy.TWO_A2A, Strategy.COHERENT])
+    strategies = [Strategy.TWO_A2A, Strategy.COHERENT] + ([Strategy.SPECULATIVE] if predictor else [])
+    rows = comparison_rows(evaluate, placements, strategies, predictor=predictor)
     summary = {"output": str(out), "solver": placement.solver, "objective": placement.objective,
                "trace": placement.trace, "evaluated_on": _evaluated_on(args.held_out, evaluate), "rows": rows}
+    if predictor is not None:
+        summary["predictor_accuracy"] = predictor.accuracy(evaluate, placement) if evaluate is not fit else None
     if args.json:
         print(json.dumps(summary, indent=1, default=float))
         return 0

@@ -4,14 +4,18 @@ Shapes: T tokens, L MoE layers, K experts per token, G GPUs (= EP ranks), V dist
 while building, X = G ** order n-gram contexts.
 
     build(trace with token_ids, placement):
-        ranks_TLK = expert_to_gpu[l, experts]; R = set of a token's ranks at a layer
+        R = the ranks that hold a copy of one of a token's experts at a layer (one copy per expert: the
+        ranks expert_to_gpu[l, experts]; with replicas every copy counts: a token that starts on any of
+        them finds that expert there, placement/replicas.py)
         token table  per layer l, id v: the rank most often in R (ties: lowest), confidence = that count /
                      occurrences of v, support = occurrences of v
-        n-gram table per layer l >= 1, context = rank of e_1 at l-1 (and l-2 for order 2): the rank most
-                     often in R, with confidence and support
+        n-gram table per layer l >= 1, context = rank of e_1 at l-1 (and l-2 for order 2; with replicas
+                     the primary copy's rank, expert_to_gpu): the rank most often in R, with confidence and
+                     support
     predict: per layer, the table with the higher confidence wins (layer 0 has only the token table);
              a prediction is confident when confidence >= min_confidence and support >= min_support
-    save/load: one .npz (arrays + a JSON header that names the placement it was built for)
+    save/load: one .npz (arrays + a JSON header that names the placement it was built for: the digest of its
+               copies, placement/anchor.py ``expert_table_digest``; one copy per expert: of expert_to_gpu)
 
 Only where a token sits when its router runs depends on a prediction: a wrong guess costs one normal
 transfer, never accuracy. A trace without vocabulary ids cannot build one (TraceError); nothing is guessed.
@@ -53,9 +57,10 @@ class PredictorOptions:
 
 
 def placement_digest(placement: Placement) -> str:
-    """sha256 of the expert -> GPU table: ties a predictor to the placement it was built for (the same digest
-    an anchor table carries)."""
-    return expert_table_digest(placement.expert_to_gpu_LE)
+    """sha256 of the placement's copies: ties a predictor to the placement it was built for (the same digest
+    an anchor table carries; with one copy per expert it is the digest of the expert -> GPU table, so files
+    built before replicas existed still match)."""
+    return expert_table_digest(placement.copies_LEG)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,7 +108,7 @@ class SpeculativePredictor:
         placement.check_fits(num_layers=trace.num_layers, num_experts=trace.num_experts)
         G, L = placement.num_gpus, trace.num_layers
         ranks_TLK = _ranks(trace, placement)
-        in_R_TLG = _rank_sets(ranks_TLK, G)
+        in_R_TLG = _rank_sets(trace, placement)
         vocab_V, vid_T = np.unique(trace.token_ids_T, return_inverse=True)
         V = len(vocab_V)
         support_V = np.bincount(vid_T, minlength=V)
@@ -177,13 +182,15 @@ class SpeculativePredictor:
 
     def accuracy(self, trace: RoutingTrace, placement: Placement) -> dict:
         """Per layer on ``trace`` (held-out data): how often the predicted rank is one of the token's expert
-        ranks, how many predictions are confident, and the accuracy of the confident ones."""
+        ranks (holds a copy of one of its experts), how many predictions are confident, and the accuracy of the
+        confident ones."""
         if not trace.has_token_ids:
             raise TraceError("the trace has no vocabulary ids (token_ids): predictor accuracy cannot be measured")
         self.check_placement(placement)
         ranks_TLK = _ranks(trace, placement)
         rank_TL, confident_TL = self.predict_ranks(trace.token_ids_T, ranks_TLK[:, :, 0])
-        hit_TL = (ranks_TLK == rank_TL[:, :, None]).any(axis=2)
+        in_R_TLG = _rank_sets(trace, placement)
+        hit_TL = (rank_TL >= 0) & np.take_along_axis(in_R_TLG, np.maximum(rank_TL, 0)[:, :, None], axis=2)[:, :, 0]
         n_conf_L = confident_TL.sum(axis=0)
         return {"accuracy_L": hit_TL.mean(axis=0).tolist(),
                 "confident_L": confident_TL.mean(axis=0).tolist(),
@@ -223,15 +230,18 @@ class SpeculativePredictor:
 
 
 def _ranks(trace: RoutingTrace, placement: Placement) -> np.ndarray:
+    """[T, L, K] the rank of each expert's primary copy (the n-gram contexts)."""
     L = trace.num_layers
     return placement.expert_to_gpu_LE[np.arange(L)[None, :, None], trace.experts_TLK.astype(np.int64)]
 
 
-def _rank_sets(ranks_TLK: np.ndarray, G: int) -> np.ndarray:
-    """[T, L, G] bool: rank g is one of the token's expert ranks at layer l."""
-    T, L, _ = ranks_TLK.shape
-    in_R_TLG = np.zeros((T, L, G), dtype=bool)
-    np.put_along_axis(in_R_TLG, ranks_TLK, True, axis=2)
+def _rank_sets(trace: RoutingTrace, placement: Placement) -> np.ndarray:
+    """[T, L, G] bool: rank g holds a copy of one of the token's experts at layer l."""
+    L, K = trace.num_layers, trace.top_k
+    in_R_TLG = np.zeros((trace.num_tokens, L, placement.num_gpus), dtype=bool)
+    layer_1L = np.arange(L)[None, :]
+    for k in range(K):
+        in_R_TLG |= placement.copies_LEG[layer_1L, trace.experts_TLK[:, :, k].astype(np.int64)]
     return in_R_TLG
 
 

@@ -251,10 +251,12 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
 
     top1_TL = ranks_TLK[:, :, 0]
     if placement.has_replicas:   # where a token is decides which copy it uses: follow each token in order
-        if strategy.needs_predictor:
-            placement.require_single_copy(f"the simulator with strategy {strategy.value}")
+        predicted_T = None
+        if strategy is Strategy.SPECULATIVE:   # confident decode tokens start on the predicted rank
+            rank_T, confident_T = predictor.predict_start_ranks(trace.token_ids_T)
+            predicted_T = np.where(confident_T, rank_T, -1)
         ranks_TLK, pos_TL, anchor_TL = _replica_routes(trace, placement, home_T, prefill_T, prev_T,
-                                                       coherent=strategy.coherent)
+                                                       coherent=strategy.coherent, predicted_start_T=predicted_T)
         top1_TL = ranks_TLK[:, :, 0]
     elif strategy.coherent:
         start_T = home_T.copy()
@@ -316,12 +318,15 @@ def simulate(trace: RoutingTrace, placement: Placement, strategy: Strategy, *,
 
 
 def _replica_routes(trace: RoutingTrace, placement: Placement, home_T: np.ndarray, prefill_T: np.ndarray,
-                    prev_T: np.ndarray, *, coherent: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    prev_T: np.ndarray, *, coherent: bool,
+                    predicted_start_T: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ranks_TLK, pos_TL, anchor_TL) with replicated experts: a token on GPU c uses copy choice[l, e, c]
     (placement/replicas.py). two_a2a: c is the home rank. coherent: c is where the token is, which is the
     previous layer's anchor (the top-1 copy, or with an anchor table the chosen copy the table scores highest:
     ``choose_anchors`` over the copies the token uses from c), and a decode token starts where the previous
-    token of its sequence ended, so tokens are followed in waves of sequence order (vectorised within a wave)."""
+    token of its sequence ended, so tokens are followed in waves of sequence order (vectorised within a wave).
+    speculative: ``predicted_start_T`` ([T] rank, -1 where the prediction is not confident): a decode token with
+    a prediction starts on that rank instead (and uses the copies chosen from there)."""
     T, L, K = trace.experts_TLK.shape
     choice_LEG = placement.copy_choice_LEG
     experts_TLK = trace.experts_TLK.astype(np.int64)
@@ -340,6 +345,9 @@ def _replica_routes(trace: RoutingTrace, placement: Placement, home_T: np.ndarra
     while wave_T.any():
         w = np.flatnonzero(wave_T)
         where_W = np.where(chained_T[w], anchor_TL[prev_T[w], L - 1] if L else 0, home_T[w])
+        if predicted_start_T is not None:
+            p_W = predicted_start_T[w]
+            where_W = np.where((p_W >= 0) & ~prefill_T[w], p_W, where_W)
         for l in range(L):
             pos_TL[w, l] = where_W
             ranks_TLK[w, l] = choice_LEG[l][experts_TLK[w, l], where_W[:, None]]

@@ -44,7 +44,6 @@ def load_predictor(path: str | Path | None, strategy: Strategy, placement: Place
     if path is None:
         raise InputError(f"strategy {strategy.value} needs a predictor file (--predictor)")
     from placement.predictor import SpeculativePredictor
-    placement.require_single_copy(f"strategy {strategy.value} (its predictor)")
     predictor = SpeculativePredictor.load(path)
     predictor.check_placement(placement)
     return predictor

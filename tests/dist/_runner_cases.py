@@ -237,13 +237,15 @@ def runner_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> li
     cases += wide_model_cases(models, G, gpus_per_node, work_dir)
     if G > 1:
         cases += transport_cases(models, G, gpus_per_node, work_dir)
-        cases += replica_cases(models, G, gpus_per_node)
+        cases += replica_cases(models, G, gpus_per_node, work_dir)
     return cases
 
 
-def replica_cases(models: dict, G: int, gpus_per_node: int) -> list[RunCase]:
+def replica_cases(models: dict, G: int, gpus_per_node: int, work_dir: Path) -> list[RunCase]:
     """Replicated experts (one extra copy per GPU) under both base strategies and every transport: the copy a
-    token uses depends on where it is (placement/replicas.py), and the counters must equal the simulator."""
+    token uses depends on where it is (placement/replicas.py), and the counters must equal the simulator. Top-2
+    also under the speculative strategies, with a predictor built for the replicated placement (predicted start
+    ranks and homes hold a copy of the predicted experts)."""
     cases = []
     transports = [Transport.A2A, Transport.FIXED] + ([Transport.NODE_AWARE] if G // gpus_per_node > 1 else [])
     for name in ("mixtral_top2", "mixtral_top1"):
@@ -260,6 +262,12 @@ def replica_cases(models: dict, G: int, gpus_per_node: int) -> list[RunCase]:
             anchored = placement.with_anchors(AnchorTable(score_LEG, expert_table_digest(placement.copies_LEG)))
             cases.append(RunCase(f"{name}/coherent/replicated+random_anchors", ckpt, Strategy.COHERENT, PROMPTS,
                                  NEW, anchored, record=True))
+            predictor = build_predictor(ckpt, placement, work_dir / f"{name}-G{G}.replicated.predictor.npz")
+            # speculative_two_a2a only from 4 ranks: on 2 every prompt is predicted home 0, and from GPU 0 the
+            # chosen copy is always the primary (the lowest GPU holding it), so no replica would be used
+            for strategy in (Strategy.SPECULATIVE,) + ((Strategy.SPECULATIVE_TWO_A2A,) if G > 2 else ()):
+                cases.append(RunCase(f"{name}/{strategy.value}/replicated", ckpt, strategy, PROMPTS, NEW, placement,
+                                     record=True, predictor_path=predictor))
     if G == 4:   # 2 experts on 4 ranks: expert e on GPUs e and e + 2 (one per node), one slot per GPU
         ckpt = models["mixtral_2experts"]
         L = ModelConfig.from_dir(ckpt).num_moe_layers

@@ -104,3 +104,88 @@ def test_ids_that_decide_routing_are_predicted_well_on_held_out_synthetic_data()
     control = SpeculativePredictor.build(shuffled, placement, PredictorOptions(order=2)).accuracy(held_out, placement)
     assert acc["accuracy_L"][0] > 0.85
     assert acc["accuracy_L"][0] > control["accuracy_L"][0] + 0.3
+
+
+# ---- replicated experts (placement schema v2) -------------------------------------------------------------------
+def _replicated(pairs):
+    """3 experts on 3 GPUs (one node), 2 copies each: ``pairs[e]`` = the GPUs holding expert e (both layers)."""
+    copies = np.zeros((2, 3, 3), dtype=bool)
+    for e, gpus in enumerate(pairs):
+        copies[:, e, gpus] = True
+    return Placement.from_copies(copies, ClusterShape(gpus_per_node=3))
+
+
+REPLICATED = _replicated([[0, 1], [1, 2], [2, 0]])     # primaries (lowest GPU) [0, 1, 0]
+
+
+def _trace3(rows, ids, seq=None, pos=None):
+    experts = np.array(rows, dtype=np.int16)[:, :, None]
+    arr = lambda a: None if a is None else np.array(a, dtype=np.int32)  # noqa: E731
+    return RoutingTrace(experts, np.ones_like(experts, dtype=np.float32), 3, arr(ids), arr(seq), arr(pos))
+
+
+# id 6 four times: layer 0 experts 0, 1, 0, 1 (GPU 1 holds both), layer 1 experts 1, 1, 2, 1 (GPU 2 holds both)
+BUILD3 = _trace3([[0, 1], [1, 1], [0, 2], [1, 1]], [6, 6, 6, 6])
+# one sequence (home 0), ids 6, 6: token 0 experts 1 then 2, token 1 experts 0 then 1
+EVAL3 = _trace3([[1, 2], [0, 1]], [6, 6], seq=[0, 0], pos=[0, 1])
+
+
+@pytest.fixture()
+def replicated_predictor():
+    return SpeculativePredictor.build(BUILD3, REPLICATED, PredictorOptions(min_confidence=0.5, min_support=2))
+
+
+def test_replicated_tables_count_every_copy(replicated_predictor):
+    p = replicated_predictor
+    # with the primaries only, layer 0 would be a tie (ranks 0 and 1, confidence 1/2): every copy counts
+    assert p.token_rank_LV.tolist() == [[1], [2]]
+    assert p.token_conf_LV.tolist() == [[1.0], [1.0]]
+    # n-gram contexts are the primary copy's rank of e_1: 0 (experts 0) -> {1,2}, {2,0}; 1 -> {1,2}, {1,2}
+    assert p.ngram_rank_LX[1].tolist() == [2, 1, 0]
+    assert p.placement_sha256.startswith("copies:")
+    assert p.accuracy(EVAL3, REPLICATED)["accuracy_L"] == pytest.approx([1.0, 1.0])
+
+
+def test_replicated_digest_covers_the_copies(replicated_predictor, tmp_path):
+    from placement.anchor import expert_table_digest
+    from placement.predictor import placement_digest
+    assert placement_digest(PLACEMENT) == expert_table_digest(PLACEMENT.expert_to_gpu_LE)   # one copy: unchanged
+    replicated_predictor.check_placement(REPLICATED)
+    path = tmp_path / "r.predictor.npz"
+    replicated_predictor.save(path)
+    SpeculativePredictor.load(path).check_placement(Placement.from_dict(REPLICATED.to_dict()))
+    same_primaries = _replicated([[0, 2], [1, 2], [0, 1]])
+    assert same_primaries.expert_to_gpu_LE.tolist() == REPLICATED.expert_to_gpu_LE.tolist()
+    with pytest.raises(PlacementError, match="built for a different placement"):
+        replicated_predictor.check_placement(same_primaries)
+    with pytest.raises(PlacementError, match="built for a different placement"):
+        simulate(EVAL3, same_primaries, Strategy.SPECULATIVE, predictor=replicated_predictor)
+
+
+def test_speculative_strategies_with_replicas_by_hand(replicated_predictor):
+    p = replicated_predictor
+    coherent = simulate(EVAL3, REPLICATED, Strategy.COHERENT)
+    # token 0 from home 0: expert 1 -> copy 1, expert 2 -> copy 2; token 1 from 2: expert 0 -> 0, expert 1 -> 1
+    assert coherent.dispatch_L.tolist() == [2, 2]
+    spec = simulate(EVAL3, REPLICATED, Strategy.SPECULATIVE, predictor=p)
+    # both tokens start on the predicted rank 1: the copies of experts 1 and 0 there, expert 2 -> copy 2, 1 local
+    assert spec.dispatch_L.tolist() == [0, 1] and spec.combine_L.tolist() == [0, 0]
+    assert spec.local_activations_L.tolist() == [2, 1]
+    assert simulate(EVAL3, REPLICATED, Strategy.TWO_A2A).transfers == 4
+    # the prompt (token 0, id 6) votes ranks 1 and 2 over the layers: home 1 (ties to the lowest)
+    two = simulate(EVAL3, REPLICATED, Strategy.SPECULATIVE_TWO_A2A, predictor=p)
+    assert two.transfers == 2
+    assert simulate(EVAL3, REPLICATED, Strategy.TWO_A2A, home_rank_T=np.array([1, 1])).transfers == 2
+    # a prefill token stays home whatever the prediction
+    prefill = simulate(EVAL3, REPLICATED, Strategy.SPECULATIVE, predictor=p, prefill_T=np.array([True, False]))
+    assert prefill.held_LG[0].tolist() == [1, 1, 0]
+
+
+def test_the_engine_loads_a_predictor_for_a_replicated_placement(replicated_predictor, tmp_path):
+    from epserve.engine.builder import load_predictor
+    path = tmp_path / "r.predictor.npz"
+    replicated_predictor.save(path)
+    assert load_predictor(path, Strategy.SPECULATIVE, REPLICATED).placement_sha256 == \
+        replicated_predictor.placement_sha256
+    with pytest.raises(PlacementError, match="built for a different placement"):
+        load_predictor(path, Strategy.SPECULATIVE_TWO_A2A, _replicated([[0, 2], [1, 2], [0, 1]]))
