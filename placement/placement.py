@@ -151,14 +151,6 @@ class Placement:
         from placement.replicas import copy_choice_LEG
         return copy_choice_LEG(self.copies_LEG, self.cluster.gpus_per_node)
 
-    def require_single_copy(self, what: str) -> None:
-        """Raise a PlacementError naming the first replicated expert: ``what`` does not handle replicas yet."""
-        multi = np.argwhere(self.copies_LEG.sum(axis=2) > 1)
-        if len(multi):
-            l, e = multi[0]
-            raise PlacementError(f"layer {l}, expert {e} has copies on GPUs {self.gpus_of(int(l), int(e))}: "
-                                 f"{what} does not handle replicated experts yet (one copy per expert)")
-
     def gpus_of(self, layer: int, expert: int) -> list[int]:
         """The GPUs holding a copy of ``expert`` in MoE layer ``layer``, ascending (the first is the primary)."""
         return np.flatnonzero(self.copies_LEG[layer, expert]).tolist()
