@@ -22,20 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-from placement.anchor import fit_anchor_table
 from placement.cluster import ClusterShape
 from placement.cost_model import COST_COLUMNS, ModelShape, choose, format_cost_table
 from placement.hardware import BUILTIN_NAMES, load_profile
 from placement.errors import InputError, TraceError
 from placement.placement import Placement
-from placement.refine import refine_placement
-from placement.predictor import PredictorOptions, SpeculativePredictor
+from placement.pipeline import FitOptions, fit_placement
+from placement.predictor import SpeculativePredictor
 from placement.report import comparison_rows, file_sha256, format_table
 from placement.simulate import SimOptions, Strategy, simulate
 from placement.transport import Transport
 from placement.solvers import SolveOptions, SolverKind, solve
-from placement.solvers.replicate import DEFAULT_MAX_IMBALANCE, add_replicas, spread_primaries
-from placement.solvers.shrinkage import choose_shrink
+from placement.solvers.replicate import DEFAULT_MAX_IMBALANCE
 from placement.stats import StatsOptions, compute_stats, objective, objective_upper_bound
 from placement.trace import RoutingTrace
 
@@ -124,48 +122,27 @@ def run_place(args) -> int:
                            intra_node_cost=args.intra_node_cost, inter_node_cost=args.inter_node_cost)
     trace = RoutingTrace.load(args.trace, num_experts=args.num_experts)
     fit, evaluate = _split(trace, args.held_out)
-    stats_options = StatsOptions(slot_decay=args.slot_decay, coact_weight=args.coact_weight)
-    progress = _progress()
-    shrink = {"strength": args.shrink, "chosen_by": "--shrink"}
-    if args.shrink == "auto":
-        progress("shrink: choosing the strength by cross-validation on the fit part")
-        shrink = choose_shrink(fit, cluster, stats_options).to_dict()
-        progress(f"shrink: {shrink['strength']} ({shrink['chosen_by']})")
-    stats = compute_stats(fit, dataclasses.replace(stats_options, shrink=shrink["strength"]))
-    options = SolveOptions(solver=SolverKind.parse(args.solver), time_limit=args.time_limit, seed=args.seed,
-                           restarts=args.restarts, rounds=args.rounds, progress=progress)
-    E, G = trace.num_experts, cluster.num_gpus
-    replicate = args.slots_per_gpu is not None and args.slots_per_gpu * G != E
-    if args.slots_per_gpu is not None and args.slots_per_gpu * G < E:
-        raise InputError(f"--slots-per-gpu {args.slots_per_gpu} x {G} GPUs < {E} experts: every expert needs a slot")
-    if replicate and E % G:
-        progress(f"{E} experts on {G} GPUs: primaries spread (expert e on GPU e x {G} // {E}), then replicas")
-        solved = add_replicas(spread_primaries(trace.num_layers, E, G), fit, args.slots_per_gpu, cluster=cluster,
-                              max_imbalance=args.max_imbalance)
-        solved = dataclasses.replace(solved, solver={**solved.solver, "name": "spread+replicas"})
-    else:
-        solved = solve(stats, cluster, options)
-        if args.refine:
-            solved = _refine(fit, solved, stats, args)
-        if replicate:
-            progress(f"replicas: {args.slots_per_gpu * G - E} extra slots per layer")
-            solved = add_replicas(solved, fit, args.slots_per_gpu, max_imbalance=args.max_imbalance)
-    if replicate:
-        return _place_replicated(args, out, trace, fit, evaluate, solved, shrink)
-    solver = {**solved.solver, "shrink": shrink}
-    predictor = None
-    if fit.has_token_ids:
-        predictor = SpeculativePredictor.build(fit, solved, PredictorOptions())
+    options = FitOptions(solve=SolveOptions(solver=SolverKind.parse(args.solver), time_limit=args.time_limit,
+                                            seed=args.seed, restarts=args.restarts, rounds=args.rounds,
+                                            progress=_progress()),
+                         stats=StatsOptions(slot_decay=args.slot_decay, coact_weight=args.coact_weight),
+                         shrink=args.shrink, slots_per_gpu=args.slots_per_gpu, max_imbalance=args.max_imbalance,
+                         refine=args.refine, anchors=args.anchors)
+    fitted = fit_placement(fit, cluster, options, progress=options.solve.progress)
+    shrink = fitted.shrink if args.shrink == "auto" else {"strength": args.shrink, "chosen_by": "--shrink"}
+    solver = {**fitted.placement.solver, "shrink": shrink}
+    if fitted.predictor is not None:
         solver["predictor"] = out.with_name(out.stem + ".predictor.npz").name
-    anchors = None
-    if args.anchors and fit.top_k > 1:
-        anchors = fit_anchor_table(fit, solved.expert_to_gpu_LE, cluster.num_gpus)
+    if fitted.placement.anchors is not None:
         solver["anchors"] = out.with_name(out.stem + ".anchors.npz").name
-    placement = Placement(solved.expert_to_gpu_LE, cluster, solver, solved.objective,
-                          _provenance(args.trace, trace, fit, args.held_out), anchors)
+    placement = dataclasses.replace(fitted.placement, solver=solver,
+                                    trace=_provenance(args.trace, trace, fit, args.held_out))
+    predictor, stats = fitted.predictor, fitted.stats
     if predictor is not None:
         predictor.save(out.with_name(solver["predictor"]))
     placement.save(out)
+    if fitted.replicated:
+        return _report_replicated(args, out, fit, evaluate, placement, predictor)
 
     baselines = {kind.value: solve(stats, cluster, SolveOptions(solver=kind))
                  for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)}
@@ -183,24 +160,11 @@ def run_place(args) -> int:
     return 0
 
 
-def _place_replicated(args, out: Path, trace: RoutingTrace, fit: RoutingTrace, evaluate: RoutingTrace,
-                      solved: Placement, shrink: dict) -> int:
-    """Write a replicated (v2) placement and compare it with contiguous / round_robin where those exist."""
-    anchors, solver = None, {**solved.solver, "shrink": shrink}
-    predictor = None
-    if fit.has_token_ids:   # its digest covers the copies too
-        predictor = SpeculativePredictor.build(fit, solved, PredictorOptions())
-        solver["predictor"] = out.with_name(out.stem + ".predictor.npz").name
-    if args.anchors and fit.top_k > 1:   # the digest covers the copies: refused for any other placement
-        anchors = fit_anchor_table(fit, solved.copies_LEG, solved.num_gpus)
-        solver["anchors"] = out.with_name(out.stem + ".anchors.npz").name
-    placement = dataclasses.replace(solved, solver=solver,
-                                    trace=_provenance(args.trace, trace, fit, args.held_out), anchors=anchors)
-    if predictor is not None:
-        predictor.save(out.with_name(solver["predictor"]))
-    placement.save(out)
+def _report_replicated(args, out: Path, fit: RoutingTrace, evaluate: RoutingTrace, placement: Placement,
+                       predictor) -> int:
+    """Compare a replicated (v2) placement with contiguous / round_robin where those exist."""
     placements = _ours(placement)
-    if trace.num_experts % placement.num_gpus == 0:
+    if fit.num_experts % placement.num_gpus == 0:
         stats = compute_stats(fit)
         placements.update({kind.value: solve(stats, placement.cluster, SolveOptions(solver=kind))
                            for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)})
@@ -349,15 +313,6 @@ def model_shape_from_dir(path: str | Path) -> ModelShape:
     heads = need("num_attention_heads")
     kv_heads = d.get("num_key_value_heads") or heads
     return ModelShape.from_fields(**fields, num_kv_heads=kv_heads, head_dim=d.get("head_dim") or hidden // heads)
-
-
-def _refine(fit: RoutingTrace, solved: Placement, stats, args) -> Placement:
-    """The exact swap refinement, with the surrogate objective (and its gap to the bound) recomputed."""
-    refined = refine_placement(fit, solved, anchored=args.anchors and fit.top_k > 1, time_limit=args.time_limit)
-    value, bound = objective(stats, refined.expert_to_gpu_LE, solved.cluster), solved.objective["upper_bound"]
-    surrogate = {**solved.objective, "value": value, "gap": (bound - value) / bound if bound > 0 else 0.0,
-                 "per_token": value / max(stats.num_tokens, 1)}
-    return dataclasses.replace(refined, objective=surrogate)
 
 
 def _shrink_arg(text: str) -> str | float:
