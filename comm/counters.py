@@ -25,6 +25,7 @@ class CollKind(enum.Enum):
     ALL_GATHER = "all_gather"
     CONTROL = "control"            # step plans broadcast from rank 0 (CPU group)
     STATS = "stats"                # live statistics gathered over the CPU group
+    WEIGHTS = "weights"            # expert weights moved between ranks by a live re-placement
 
 
 @dataclass(kw_only=True)

@@ -98,3 +98,48 @@ def _refine(fit: RoutingTrace, solved: Placement, stats: TraceStats, options: Fi
     surrogate = {**solved.objective, "value": value, "gap": (bound - value) / bound if bound > 0 else 0.0,
                  "per_token": value / max(stats.num_tokens, 1)}
     return dataclasses.replace(refined, objective=surrogate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefitOptions:
+    """Live re-placement's solve (epserve/engine/replace_control.py runs it in a background process)."""
+
+    time_limit: float = 10.0     # seconds of search
+    min_gain: float = 0.02       # swap only when transfers per token-layer on the window drop by this fraction
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.time_limit > 0:
+            raise InputError(f"re-placement time_limit must be > 0 seconds, got {self.time_limit!r}")
+        if not 0 <= self.min_gain < 1:
+            raise InputError(f"re-placement min_gain must be in [0, 1), got {self.min_gain!r}")
+
+
+def refit(window: RoutingTrace, current: Placement, strategy, options: RefitOptions = RefitOptions()
+          ) -> tuple[Placement | None, object | None, dict]:
+    """Solve a placement for the live routing ``window`` with ``current``'s cluster and slots, and judge it
+    against ``current`` on the same window under ``strategy``'s traffic (the speculative strategies are judged
+    as their non-speculative twins: the predictor is refitted with the placement). Returns (placement,
+    predictor, report); placement is None when it does not cut transfers by ``min_gain``."""
+    import time
+
+    from placement.simulate import Strategy, simulate
+    started = time.monotonic()
+    predictor_wanted = strategy.needs_predictor and window.has_token_ids
+    fitted = fit_placement(window, current.cluster, FitOptions(
+        solve=SolveOptions(time_limit=options.time_limit, seed=options.seed),
+        slots_per_gpu=current.slots_per_gpu, anchors=strategy.coherent, predictor=predictor_wanted))
+    judge = Strategy.COHERENT if strategy.coherent else Strategy.TWO_A2A
+    before = simulate(window, current, judge).transfers_per_token_layer
+    after = simulate(window, fitted.placement, judge).transfers_per_token_layer
+    gain = 1.0 - after / before if before > 0 else 0.0
+    report = {"window_tokens": window.num_tokens, "judged_as": judge.value,
+              "transfers_per_token_layer_before": before, "transfers_per_token_layer_after": after,
+              "gain": gain, "min_gain": options.min_gain, "solve_seconds": time.monotonic() - started,
+              "solver": fitted.placement.solver.get("name")}
+    if gain < options.min_gain:
+        return None, None, report
+    solver = {**fitted.placement.solver, "live": report}
+    return dataclasses.replace(fitted.placement, solver=solver, trace={"source": "live routing window",
+                                                                       "tokens": window.num_tokens}), \
+        fitted.predictor, report

@@ -149,5 +149,16 @@ class EngineClient(Protocol):
     def placement_document(self) -> dict:
         """The placement in use, as its JSON document (DESIGN.md "Data formats")."""
 
+    def placement_status(self) -> dict:
+        """Live re-placement: version, when it changed, the running swap or solve, the last ones."""
+
+    def replace_placement(self, placement) -> int:
+        """Swap in ``placement`` (checked against the model and cluster by the caller) while serving; returns
+        the version it will have. Raises ReplaceBusyError while a swap or solve runs."""
+
+    def solve_placement(self) -> None:
+        """Solve a placement from live routing in the background and swap it in if it pays. Raises
+        ReplaceBusyError while a swap or solve runs, ReplaceUnavailableError without a live window."""
+
     def shutdown(self) -> None:
         """Stop every rank's loop (a shutdown plan) and fail what is still running. Idempotent."""

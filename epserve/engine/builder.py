@@ -52,10 +52,12 @@ def load_predictor(path: str | Path | None, strategy: Strategy, placement: Place
 def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strategy,
                  placement: Placement | None = None, predictor_path: str | Path | None = None,
                  kv_cache_tokens: int = 8192, kv_block_size: int = 16, dtype: torch.dtype | None = None,
-                 record_tokens: int = 0, check_splits: bool = False, forced_routing_trace=None,
+                 record_tokens: int = 0, window_tokens: int = 0, check_splits: bool = False,
+                 forced_routing_trace=None,
                  transport: Transport = Transport.A2A, capacity: int | None = None) -> Runner:
     """This rank's Runner. Reads only this rank's experts; ``kv_cache_tokens`` is the KV capacity of each
-    rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens; ``forced_routing_trace``
+    rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens (the run's first: --record-trace);
+    ``window_tokens`` > 0 a ring recorder of the latest that many (live re-placement); ``forced_routing_trace``
     (a RoutingTrace; benchmarks only) replaces the router's choices by the trace's. ``transport`` moves the
     rows (``capacity``: rows per peer of the fixed transport; default: sized from each step). ``dtype``: None
     serves in the checkpoint's dtype."""
@@ -78,14 +80,13 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
                                capacity_tokens=kv_cache_tokens, block_size=kv_block_size, dtype=dtype),
                  rank=topology.rank, world_size=topology.world_size, replicated=dispatcher.replicated_kv,
                  device=topology.device)
-    recorder = None
-    if record_tokens > 0:
-        recorder = RoutingRecorder(max_tokens=record_tokens, num_moe_layers=config.num_moe_layers,
-                                   top_k=config.top_k, num_experts=config.num_experts,
-                                   meta={"model": str(model_dir), "moe_layers": list(config.moe_layer_ids),
-                                         "strategy": strategy.value})
+    meta = {"model": str(model_dir), "moe_layers": list(config.moe_layer_ids), "strategy": strategy.value}
+    recorder, window = (None if n <= 0 else RoutingRecorder(
+        max_tokens=n, num_moe_layers=config.num_moe_layers, top_k=config.top_k, num_experts=config.num_experts,
+        meta=meta, ring=ring, device=topology.device) for n, ring in ((record_tokens, False), (window_tokens, True)))
     forced = None if forced_routing_trace is None else ForcedRouting(
         forced_routing_trace, num_experts=config.num_experts, top_k=config.top_k,
         num_moe_layers=config.num_moe_layers)
-    return Runner(model=model, coll=coll, dispatcher=dispatcher, kv=kv, recorder=recorder, load_report=report,
+    return Runner(model=model, coll=coll, dispatcher=dispatcher, kv=kv, recorder=recorder, window=window,
+                  load_report=report,
                   placement=placement, forced_routing=forced)

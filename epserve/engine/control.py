@@ -13,8 +13,8 @@ treats that as fatal. World size 1: send does nothing, recv is an error.
 
 Plan encoding (little-endian; no pickle on the normal path):
 
-    u8 format | u8 flags (shutdown, stats, has trace path) | i64 step | u32 works, releases, samplings, tokens
-    [u16 length + utf-8 trace path] | columns, each "u8 width code + values" of the narrowest signed integer
+    u8 format | u8 flags (shutdown, stats, has trace path, has replace) | i64 step | u32 works, releases,
+    samplings, tokens | [u16 length + utf-8 trace path] | [i64 replace] | columns, each "u8 width code + values" of the narrowest signed integer
     that holds them: seq_id, start_pos, home_rank, tokens per work, sampling index, sample [works] |
     token ids [tokens] | release [releases] | temperature, top_p (f64) [samplings] | top_k, seed [samplings]
 
@@ -34,18 +34,19 @@ from dataclasses import fields
 from comm.counters import CollKind, CommCounters
 from comm.host_collectives import LEN_BYTES, HostCollectives
 from comm.topology import EPTopology
-from epserve.engine.plan import GREEDY, SamplingParams, SeqWork, StepPlan
+from epserve.engine.plan import GREEDY, REPLACE_NONE, SamplingParams, SeqWork, StepPlan
 
 FRAME_BYTES = 128              # the first and smallest frame (a heartbeat plan is 40 bytes with its header)
 MAX_FRAME_BYTES = 1 << 16      # the largest frame a plan asks for the next one (longer plans add a tail)
 _NEXT = struct.Struct("<I")
 COMPACT, PICKLED = 0, 1
 _HEAD = struct.Struct("<BBqIIII")
-_SHUTDOWN, _STATS, _TRACE = 1, 2, 4
+_SHUTDOWN, _STATS, _TRACE, _REPLACE = 1, 2, 4, 8
+_I64 = struct.Struct("<q")
 _WIDTHS = (("b", 2 ** 7), ("h", 2 ** 15), ("i", 2 ** 31), ("q", 2 ** 63))   # array typecodes: 1, 2, 4, 8 bytes
 _BIG_ENDIAN = sys.byteorder == "big"
 # The fields the compact format carries; a field added to a plan class must be added here (and to the codec).
-_CARRIED = {StepPlan: {"step", "work", "release", "shutdown", "stats", "save_trace_to"},
+_CARRIED = {StepPlan: {"step", "work", "release", "shutdown", "stats", "save_trace_to", "replace"},
             SeqWork: {"seq_id", "token_ids", "start_pos", "home_rank", "sampling", "sample"},
             SamplingParams: {"temperature", "top_p", "top_k", "seed"}}
 
@@ -136,11 +137,14 @@ def _encode_compact(plan: StepPlan) -> bytes:
     samplings: dict[tuple, int] = {}
     sampling_idx = [samplings.setdefault(_sampling_key(w.sampling), len(samplings)) for w in work]
     tokens = [t for w in work for t in w.token_ids]
-    flags = _SHUTDOWN * bool(plan.shutdown) | _STATS * bool(plan.stats) | _TRACE * (plan.save_trace_to is not None)
+    flags = _SHUTDOWN * bool(plan.shutdown) | _STATS * bool(plan.stats) | _TRACE * (plan.save_trace_to is not None) \
+        | _REPLACE * (plan.replace != REPLACE_NONE)
     parts = [_HEAD.pack(COMPACT, flags, plan.step, len(work), len(plan.release), len(samplings), len(tokens))]
     if plan.save_trace_to is not None:
         trace = plan.save_trace_to.encode("utf-8")
         parts.append(struct.pack("<H", len(trace)) + trace)
+    if plan.replace != REPLACE_NONE:
+        parts.append(_I64.pack(plan.replace))
     for column in ([w.seq_id for w in work], [w.start_pos for w in work], [w.home_rank for w in work],
                    [len(w.token_ids) for w in work], sampling_idx, [1 if w.sample else 0 for w in work], tokens,
                    plan.release):
@@ -158,6 +162,9 @@ def _decode_compact(buf: memoryview) -> StepPlan:
     if flags & _TRACE:
         (n,) = struct.unpack_from("<H", buf, at)
         trace, at = bytes(buf[at + 2:at + 2 + n]).decode("utf-8"), at + 2 + n
+    replace = REPLACE_NONE
+    if flags & _REPLACE:
+        (replace,), at = _I64.unpack_from(buf, at), at + _I64.size
     cols = []
     for n in (n_work,) * 6 + (n_tok, n_release):
         col, at = _read_int_column(buf, at, n)
@@ -179,7 +186,7 @@ def _decode_compact(buf: memoryview) -> StepPlan:
                             sample[i] == 1))
         start = end
     return StepPlan(step=step, work=tuple(work), release=tuple(release), shutdown=bool(flags & _SHUTDOWN),
-                    stats=bool(flags & _STATS), save_trace_to=trace)
+                    stats=bool(flags & _STATS), save_trace_to=trace, replace=replace)
 
 
 def _sampling_key(s: SamplingParams) -> tuple:

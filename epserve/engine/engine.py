@@ -7,7 +7,10 @@ other ranks.
         --> plan = scheduler.schedule(step, flags) --> ControlChannel.send(plan)
         --> runner.execute(plan) --> after_step: [stats all-gather] [recorder save] (collectives, every rank)
         --> scheduler.on_result --> Deltas --one call_soon_threadsafe per step--> each request's Stream
-    ranks > 0: follow(runner, channel): recv(plan) --> runner.execute(plan) --> after_step; until a shutdown plan
+    ranks > 0: follow(runner, channel): recv(plan) --> replacement boundary --> runner.execute(plan) --> after_step;
+        until a shutdown plan
+    live re-placement (replace.py: every rank; replace_control.py: rank 0's requests, solve and swap order): a
+        plan's ``replace`` op runs at its boundary, before the step, on every rank
 
 Any exception in the engine thread (a rank died: gloo raises on a broken connection or at its timeout) makes
 the engine dead: every open stream ends with an ERROR Delta naming the cause, health() says why, and
@@ -18,20 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import math
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from epserve.engine.api import (Delta, EngineHealth, EngineSnapshot, EngineUnavailableError, FinishReason,
                                 GenerationRequest)
 from epserve.engine.control import ControlChannel
 from epserve.engine.live_stats import GroupTraffic, LiveStats
-from epserve.engine.plan import StepPlan, StepResult
+from epserve.engine.plan import REPLACE_COMMIT, REPLACE_NONE, StepPlan, StepResult
+from epserve.engine.replace import LiveReplacement
+from epserve.engine.replace_control import ReplaceConfig, ReplaceCoordinator
 from epserve.engine.request import Stream
 from epserve.engine.runner import Runner
 from epserve.engine.scheduler import Event, Scheduler, SchedulerConfig
@@ -52,6 +58,7 @@ class EngineConfig:
     stats_min_interval_s: float = 1.0        # ... and at most this often
     record_trace_path: str | None = None     # with build_runner(record_tokens=N): written when full and at exit
     shutdown_timeout_s: float = 30.0
+    replace: ReplaceConfig = field(default_factory=ReplaceConfig)   # live re-placement
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -119,8 +126,10 @@ def follow(runner: Runner, channel: ControlChannel | None = None) -> int:
     Raises whatever breaks (a collective error when rank 0 or a peer died)."""
     channel = channel or ControlChannel(runner.topology, counters=runner.counters)
     attach_live_stats(runner)
+    live = LiveReplacement(runner, channel)
     while True:
         plan = channel.recv()
+        live.boundary(plan)
         runner.execute(plan)
         after_step(runner, plan)
         if plan.shutdown:
@@ -187,6 +196,10 @@ class Engine:
         self._trace_saved_count = 0
         self._traffic = GroupTraffic((), ())
         self._kv_used, self._kv_capacity = 0, kv.num_blocks * kv.block_size
+        self._live = LiveReplacement(runner, channel)
+        self._replace = ReplaceCoordinator(runner.placement, config.replace, strategy=runner.strategy,
+                                           has_window=runner.window is not None, wake=self._wake)
+        self._bundle = None                 # the next REPLACE_BEGIN's bundle
         self._thread = threading.Thread(target=self._run, name="epserve-engine", daemon=True)
 
     def start(self) -> None:
@@ -227,7 +240,30 @@ class Engine:
                                   layers=traffic.layers, gpu_load=traffic.gpu_load)
 
     def placement_document(self) -> dict:
-        return copy.deepcopy(self._placement_document)
+        with self._cond:
+            return copy.deepcopy(self._placement_document)
+
+    def placement_status(self) -> dict:
+        with self._cond:
+            return self._replace.status()
+
+    def replace_placement(self, placement) -> int:
+        with self._cond:
+            self._check_available()
+            version = self._replace.request_swap(placement)
+            self._cond.notify_all()
+            return version
+
+    def solve_placement(self) -> None:
+        with self._cond:
+            self._check_available()
+            self._replace.request_solve()
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        """The background solve finished (its executor's thread): let the engine thread plan."""
+        with self._cond:
+            self._cond.notify_all()
 
     def shutdown(self) -> None:
         with self._cond:
@@ -282,10 +318,13 @@ class Engine:
             while True:
                 plan = self._next_plan()
                 self._channel.send(plan)
+                started = time.monotonic()
+                window = self._live.boundary(plan, bundle=self._bundle)
                 result = self._runner.execute(plan)
                 traffic = after_step(self._runner, plan)
-                self._after_plan(plan, result, traffic)
+                self._after_plan(plan, result, traffic, time.monotonic() - started, window)
                 if plan.shutdown:
+                    self._replace.close()
                     return
         except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; the reason goes out
             self._die(f"engine step failed ({type(exc).__name__}: {exc}); a rank may be down", exc)
@@ -293,7 +332,7 @@ class Engine:
     def _next_plan(self) -> StepPlan:
         with self._cond:
             deadline = time.monotonic() + self.config.heartbeat_s
-            while not (self._scheduler.has_work or self._shutdown_requested):
+            while not (self._scheduler.has_work or self._shutdown_requested or self._replace.has_op()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -304,8 +343,10 @@ class Engine:
                 return self._scheduler.schedule(step, shutdown=True, stats=True,
                                                 save_trace_to=self._trace_to_save(final=True))
             idle = not self._scheduler.has_work
-            return self._scheduler.schedule(step, stats=self._stats_due(idle),
+            plan = self._scheduler.schedule(step, stats=self._stats_due(idle),
                                             save_trace_to=self._trace_to_save(final=False))
+            op, self._bundle = self._replace.next_op(self._scheduler.generation_tokens)
+            return plan if op == REPLACE_NONE else dataclasses.replace(plan, replace=op)
 
     def _stats_due(self, idle: bool) -> bool:
         due = self._steps_since_stats >= self.config.stats_interval_steps or (idle and self._steps_since_stats > 0)
@@ -317,9 +358,14 @@ class Engine:
             return None
         return path if (final or recorder.full) else None
 
-    def _after_plan(self, plan: StepPlan, result: StepResult, traffic: GroupTraffic | None) -> None:
+    def _after_plan(self, plan: StepPlan, result: StepResult, traffic: GroupTraffic | None, seconds: float,
+                    window) -> None:
         kv = self._runner.kv_stats()
         with self._cond:
+            self._replace.after_step(plan.replace, seconds, had_work=bool(plan.work), window=window,
+                                     moved_bytes=self._live.moved_bytes)
+            if plan.replace == REPLACE_COMMIT:
+                self._placement_document = self._runner.placement.to_dict()
             self._deliver(self._scheduler.on_result(plan, result) if plan.work else [])
             self._steps += bool(plan.work)
             self._steps_since_stats += bool(plan.work)

@@ -10,6 +10,7 @@ Used by the tests (lossless checks against ``MoEModel.greedy_reference``) and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +39,11 @@ class GenerateOutput:
 
 def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, *,
              sampling: SamplingParams = GREEDY, eos_token_ids=(), prefill_chunk: int | None = None,
-             stagger: int = 0, return_logits: bool = False, seq_id_base: int = 0) -> GenerateOutput:
-    """New tokens of every prompt (an EOS in ``eos_token_ids`` is kept and ends that prompt)."""
+             stagger: int = 0, return_logits: bool = False, seq_id_base: int = 0,
+             before_step: Callable[[StepPlan], StepPlan] | None = None) -> GenerateOutput:
+    """New tokens of every prompt (an EOS in ``eos_token_ids`` is kept and ends that prompt).
+    ``before_step(plan)``: called at each step boundary on every rank; returns the plan to run (tests and
+    benchmarks of live re-placement set its ``replace`` op and run the boundary there)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens < 1:
@@ -53,8 +57,8 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, *,
     while not all(s.done for s in seqs):
         works = [_work(s, seq_id_base, sampling, prefill_chunk) for s in seqs
                  if not s.done and s.index * stagger <= step]
-        result = runner.execute(StepPlan(step=step, work=tuple(works), release=tuple(release)),
-                                return_logits=return_logits)
+        plan = StepPlan(step=step, work=tuple(works), release=tuple(release))
+        result = runner.execute(plan if before_step is None else before_step(plan), return_logits=return_logits)
         release = []
         for w in works:
             s = seqs[w.seq_id - seq_id_base]

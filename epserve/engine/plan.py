@@ -43,6 +43,13 @@ class SamplingParams:
 
 GREEDY = SamplingParams()
 
+# StepPlan.replace: live re-placement (epserve/engine/replace.py), acted on by every rank at the step boundary,
+# before the step's tokens run. A value >= 0 swaps that MoE layer into the placement being swapped in.
+REPLACE_NONE = -1      # nothing
+REPLACE_COLLECT = -2   # gather the live routing window (collective); rank 0 solves on it in the background
+REPLACE_BEGIN = -3     # rank 0 broadcasts the new placement (+ predictor); every rank plans the expert moves
+REPLACE_COMMIT = -4    # the last layer is in: every table, the predictor and the version switch
+
 
 @dataclass(frozen=True)
 class SeqWork:
@@ -75,6 +82,7 @@ class StepPlan:
     # Engine flags, acted on by every rank after the step (collectives on the CPU group; see engine.py):
     stats: bool = False            # all-gather the live traffic counters (live_stats.py)
     save_trace_to: str | None = None   # every rank calls recorder.save(coll, path); rank 0 writes the file
+    replace: int = REPLACE_NONE        # at the step boundary, before the step (the REPLACE_* values above)
 
     def __post_init__(self) -> None:
         ids = [w.seq_id for w in self.work]

@@ -71,11 +71,13 @@ class _Held:
 
 class Runner:
     def __init__(self, *, model: MoEModel, coll: Collectives, dispatcher: Dispatcher, kv: KVStore,
-                 recorder: RoutingRecorder | None = None, load_report=None, placement=None,
-                 forced_routing: ForcedRouting | None = None) -> None:
+                 recorder: RoutingRecorder | None = None, window: RoutingRecorder | None = None,
+                 load_report=None, placement=None, forced_routing: ForcedRouting | None = None) -> None:
         config = model.config
         self.model, self.coll, self.dispatcher, self.kv = model, coll, dispatcher, kv
         self.recorder, self.load_report, self.placement = recorder, load_report, placement
+        self.window = window   # the latest routing (a ring recorder): what live re-placement solves on
+        self._recorders = tuple(r for r in (recorder, window) if r is not None)
         self.forced_routing = forced_routing   # benchmarks: routing replayed from a trace
         self.topology = coll.topology
         self.counters = coll.counters
@@ -121,8 +123,8 @@ class Runner:
         # block tables are fixed until the next step: attention contexts are built once per held-token set
         self._step_attention = StepAttention(self.kv.cache.ledger, batch.seq_T, batch.pos_T, slot_T,
                                              self.topology.device)
-        if self.recorder is not None:
-            self.recorder.begin_step(batch)
+        for recorder in self._recorders:
+            recorder.begin_step(batch)
         for _ in range(MAX_STEP_TRIES):
             attempt = _Attempt()
             held = self._start(batch, attempt)
@@ -192,8 +194,8 @@ class Runner:
             t_N = held.token_N
             topk_w_NK, topk_ids_NK = self.forced_routing.route(m, torch.as_tensor(batch.seq_T)[t_N],
                                                                torch.as_tensor(batch.pos_T)[t_N], dev)
-        if self.recorder is not None:
-            self.recorder.record(m, held.token_N, topk_ids_NK, topk_w_NK)
+        for recorder in self._recorders:
+            recorder.record(m, held.token_N, topk_ids_NK, topk_w_NK)
         attempt.routed.append((m, topk_ids_NK))
         is_prefill_N = torch.as_tensor(batch.is_prefill_T)[held.token_N].to(dev)
         work, handle = self.dispatcher.dispatch(held.x_ND, held.token_N, topk_ids_NK, topk_w_NK, is_prefill_N,

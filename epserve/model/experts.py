@@ -56,6 +56,21 @@ class GroupedExperts(nn.Module):
         local_E[list(ids)] = torch.arange(L, device="cpu")
         self.register_buffer("local_of_global_E", local_E, persistent=False)
 
+    @classmethod
+    def from_stacked(cls, expert_ids: Iterable[int], gate_up_LFD: torch.Tensor, down_LDI: torch.Tensor,
+                     num_experts: int) -> "GroupedExperts":
+        """Experts whose stacked weights are already in place (live re-placement: epserve/engine/replace.py);
+        ``expert_ids`` ascending, rows in that order."""
+        L, D, I = down_LDI.shape
+        with torch.device("meta"):
+            module = cls(D, I, expert_ids, num_experts)
+        if gate_up_LFD.shape != (L, 2 * I, D) or len(module) != L:
+            raise ValueError(f"stacked weights {tuple(gate_up_LFD.shape)} / {tuple(down_LDI.shape)} do not hold "
+                             f"the {len(module)} experts {list(module.expert_ids)}")
+        module.gate_up_proj = nn.Parameter(gate_up_LFD, requires_grad=False)
+        module.down_proj = nn.Parameter(down_LDI, requires_grad=False)
+        return module.to(down_LDI.device)   # the global -> local table (built on the CPU)
+
     def __len__(self) -> int:
         return len(self.expert_ids)
 
