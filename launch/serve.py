@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = build_runner(args.model, topology, strategy=Strategy.parse(args.strategy), placement=placement,
                           predictor_path=args.predictor, kv_cache_tokens=args.kv_cache_tokens,
                           record_tokens=args.record_tokens if args.record_trace else 0,
-                          transport=Transport.parse(args.transport), capacity=args.capacity,
+                          window_tokens=args.replace_window, transport=Transport.parse(args.transport), capacity=args.capacity,
                           dtype=resolve_dtype(args.dtype, args.model))
     watchdog = Watchdog(EXIT_DEADLINE_S)
     if topology.rank == 0:

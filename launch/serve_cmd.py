@@ -78,6 +78,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-tokens", type=int, default=65536, help="tokens to record (with --record-trace)")
     p.add_argument("--collective-timeout", type=float, default=60.0,
                    help="seconds before a stuck collective fails the engine (finite)")
+    live = p.add_argument_group("live re-placement (POST /placement, needs --api-key)")
+    live.add_argument("--replace-window", type=int, default=4096, metavar="TOKENS",
+                      help="keep the routing of the latest TOKENS tokens on each rank (device memory, no host "
+                           "sync) for solving a placement from live traffic; 0: off")
+    live.add_argument("--replace-every", type=int, default=0, metavar="TOKENS",
+                      help="solve a placement from the live window every TOKENS generated tokens and swap it in "
+                           "when it pays (default 0: only on POST /placement)")
+    live.add_argument("--replace-time-limit", type=float, default=10.0, metavar="S",
+                      help="seconds of search for a live solve (a background process, niced)")
+    live.add_argument("--replace-min-gain", type=float, default=0.02, metavar="F",
+                      help="swap a solved placement in only when it cuts transfers per token-layer on the live "
+                           "window by this fraction (default 0.02)")
 
 
 def register(subparsers) -> None:
@@ -183,8 +195,17 @@ def engine_config(args, model_dir: Path):
              "model_name": args.served_model_name,
              "record_trace_path": str(Path(args.record_trace).resolve()) if args.record_trace else None,
              "stuck_after_s": max(args.collective_timeout, 2 * ENGINE_HEARTBEAT_S),
-             "shutdown_timeout_s": ENGINE_STOP_S}
+             "shutdown_timeout_s": ENGINE_STOP_S, "replace": replace_config(args)}
     return EngineConfig.from_model_dir(model_dir, **{k: v for k, v in given.items() if v is not None})
+
+
+def replace_config(args):
+    """Live re-placement's options (epserve/engine/replace_control.py). Raises InputError."""
+    from epserve.engine.replace_control import ReplaceConfig
+    from placement.pipeline import RefitOptions
+
+    refit = RefitOptions(time_limit=args.replace_time_limit, min_gain=args.replace_min_gain)
+    return ReplaceConfig(every_tokens=args.replace_every, refit=refit)
 
 
 def _check_engine_limits(args) -> None:
@@ -233,6 +254,15 @@ def _check_numbers(args) -> None:
             raise InputError(f"{flag} {port} is not a TCP port (1..65535)")
     if args.master_port is not None and args.master_port == args.port and args.node_rank == 0:
         raise InputError(f"--master-port {args.master_port} is also the HTTP --port: node 0 listens on both")
+    for flag, value in (("--replace-window", args.replace_window), ("--replace-every", args.replace_every)):
+        if value < 0:
+            raise InputError(f"{flag} must be >= 0, got {value}")
+    if args.replace_every and not args.replace_window:
+        raise InputError("--replace-every needs a live routing window to solve on: give --replace-window > 0")
+    if not (math.isfinite(args.replace_time_limit) and args.replace_time_limit > 0):
+        raise InputError(f"--replace-time-limit must be a finite number of seconds > 0, got {args.replace_time_limit}")
+    if not 0 <= args.replace_min_gain < 1:
+        raise InputError(f"--replace-min-gain must be in [0, 1), got {args.replace_min_gain}")
     if not (math.isfinite(args.collective_timeout) and args.collective_timeout > 0):
         raise InputError(f"--collective-timeout must be a finite number of seconds > 0, got "
                          f"{args.collective_timeout}")
@@ -267,7 +297,9 @@ def worker_argv(args, pre: Preflight) -> list[str]:
     out = ["--model", str(pre.model_dir), "--strategy", pre.strategy.value, "--transport", pre.transport.value,
            "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
            "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
-           "--collective-timeout", str(args.collective_timeout)]
+           "--collective-timeout", str(args.collective_timeout), "--replace-window", str(args.replace_window),
+           "--replace-every", str(args.replace_every), "--replace-time-limit", str(args.replace_time_limit),
+           "--replace-min-gain", str(args.replace_min_gain)]
     optional = {"--placement": pre.placement_path, "--predictor": pre.predictor_path,
                 "--served-model-name": args.served_model_name, "--max-running": args.max_running,
                 "--max-batched-tokens": args.max_batched_tokens, "--max-waiting": args.max_waiting,

@@ -143,3 +143,14 @@ def refit(window: RoutingTrace, current: Placement, strategy, options: RefitOpti
     return dataclasses.replace(fitted.placement, solver=solver, trace={"source": "live routing window",
                                                                        "tokens": window.num_tokens}), \
         fitted.predictor, report
+
+
+def refit_niced(window: RoutingTrace, current: Placement, strategy, options: RefitOptions):
+    """``refit`` at a lower priority than serving: the entry point of the server's background solve process
+    (a spawned process that imports placement/ only, no torch)."""
+    import os
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    return refit(window, current, strategy, options)

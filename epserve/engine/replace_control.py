@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import multiprocessing
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 
 from epserve.engine.plan import REPLACE_BEGIN, REPLACE_COLLECT, REPLACE_COMMIT, REPLACE_NONE
 from epserve.engine.replace import Bundle, changed_layers
-from placement.pipeline import RefitOptions
+from placement.pipeline import RefitOptions, refit_niced
 from placement.placement import Placement
 
 
@@ -49,16 +48,6 @@ class ReplaceConfig:
                 raise ValueError(f"replace {name} must be an integer >= 0, got {value!r}")
 
 
-def _refit_in_child(window, current, strategy, options):
-    """The background process: lower priority than serving, then placement.pipeline.refit."""
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-    from placement.pipeline import refit
-    return refit(window, current, strategy, options)
-
-
 class ReplaceCoordinator:
     def __init__(self, placement: Placement, config: ReplaceConfig, *, strategy, has_window: bool,
                  wake: Callable[[], None]) -> None:
@@ -73,6 +62,7 @@ class ReplaceCoordinator:
         self._ops: collections.deque[int] = collections.deque()   # the running swap's remaining ops
         self._swap: dict | None = None                # the running swap's status
         self._collect = False                         # COLLECT at the next plan
+        self._gathering = False                       # a COLLECT plan is out; its trace comes in after_step
         self._solve: concurrent.futures.Future | None = None
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._tokens_at_last_solve = 0
@@ -83,13 +73,13 @@ class ReplaceCoordinator:
     # ---- requests (server thread) ---------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self._pending or self._swap or self._collect or self._solve)
+        return bool(self._pending or self._swap or self._collect or self._gathering or self._solve)
 
     def _check_idle(self) -> None:
         if self._swap is not None or self._pending is not None:
             raise ReplaceBusyError(f"a placement swap to version {self.version + 1} is running; try again when "
                                    f"GET /placement shows it done")
-        if self._collect or self._solve is not None:
+        if self._collect or self._gathering or self._solve is not None:
             raise ReplaceBusyError("a placement is being solved from live routing; try again when GET /placement "
                                    "shows it done")
 
@@ -117,7 +107,7 @@ class ReplaceCoordinator:
         if every and not self.busy and generated_tokens - self._tokens_at_last_solve >= every and self.has_window:
             self._collect = True
         if self._collect:
-            self._collect = False
+            self._collect, self._gathering = False, True
             self._tokens_at_last_solve = generated_tokens
             return REPLACE_COLLECT, None
         if self._ops:
@@ -136,6 +126,7 @@ class ReplaceCoordinator:
     def after_step(self, op: int, seconds: float, *, had_work: bool, window=None, moved_bytes: int = 0) -> None:
         """Every plan, after it ran (``seconds``: its boundary + step on rank 0)."""
         if op == REPLACE_COLLECT:
+            self._gathering = False
             self._start_solve(window)
         if self._swap is None:
             if op == REPLACE_NONE and had_work:
@@ -155,7 +146,8 @@ class ReplaceCoordinator:
             self._swap = self._bundle = None
 
     def status(self) -> dict:
-        state = "swapping" if self._swap or self._pending else "solving" if self._collect or self._solve else "idle"
+        state = "swapping" if self._swap or self._pending else "solving" if self._collect or self._gathering or self._solve \
+            else "idle"
         return {"version": self.version, "changed_at": self.changed_at, "swaps": self.swaps, "state": state,
                 "swap": dict(self._swap) if self._swap else None, "last_swap": self.last_swap,
                 "last_solve": self.last_solve, "every_tokens": self.config.every_tokens,
@@ -176,7 +168,7 @@ class ReplaceCoordinator:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self._solve_started = time.time()
-        self._solve = self._executor.submit(_refit_in_child, window, self.placement, self.strategy,
+        self._solve = self._executor.submit(refit_niced, window, self.placement, self.strategy,
                                             self.config.refit)
         self._solve.add_done_callback(lambda _: self._wake())
 

@@ -5,7 +5,9 @@
       --> merge --> one JSON response, or SSE chunks (streaming.py)
     client gone --> every engine request of the HTTP request is cancelled (KV freed at the next step)
 
-Also /v1/models, /health, /metrics (the app's own Prometheus registry) and /placement.
+Also /v1/models, /health, /metrics (the app's own Prometheus registry) and /placement (GET: the placement in
+use, its version and live traffic; POST, with the API key: swap in a posted placement, or {"solve": true} to
+solve one from live routing, while serving: epserve/engine/replace*.py).
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from epserve.engine.api import EngineClient, EngineUnavailableError, GenerationRequest, QueueFullError
 from epserve.engine.plan import SamplingParams
+from epserve.engine.replace_control import ReplaceBusyError, ReplaceUnavailableError
 from epserve.model.config import ModelConfig
 from epserve.server import errors, protocol
 from epserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from epserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from epserve.server.streaming import SSE_DONE, TextEvent, TextStream, merge, sse
 from epserve.server.text import ChatTemplateError, Tokenizer
+from placement.errors import PlacementError
+from placement.moves import check_replaceable
+from placement.placement import Placement
 
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/placement")
 
@@ -332,9 +338,57 @@ class _Server:
                            "transfers": t.transfers,
                            "activations": t.activations, "local_activations": t.local_activations,
                            "expert_load": list(t.expert_load)})
-        return JSONResponse({"strategy": snap.strategy, "world_size": snap.world_size,
+        status = self.engine.placement_status()
+        return JSONResponse({"strategy": snap.strategy, "world_size": snap.world_size, "version": status["version"],
+                             "changed_at": status["changed_at"], "replacement": status,
                              "placement": self.engine.placement_document(), "layers": layers,
                              "gpu_load": [list(row) for row in snap.gpu_load]})
+
+    async def placement_post(self, request: Request) -> Response:
+        """Swap in a placement while serving: the body is a placement document (version 1 or 2), or
+        {"solve": true} to solve one from the live routing window. 202 when accepted (GET /placement follows
+        the swap); the running placement is untouched by any refusal."""
+        if self.config.api_key is None:
+            raise errors.APIError(403, "POST /placement changes the running placement and needs the server to be "
+                                       "started with an API key (--api-key)", type="authentication_error",
+                                  code="api_key_required")
+        self.check_auth(request)
+        doc = protocol.parse_json(await self.read_body(request))
+        try:
+            if "solve" in doc:
+                if doc != {"solve": True}:
+                    raise errors.bad_request("'solve' must be true, alone in the body", param="solve")
+                self.engine.solve_placement()
+                return JSONResponse({"status": "solving", "version": self.engine.placement_status()["version"]},
+                                    status_code=202)
+            try:
+                placement = Placement.from_dict(doc)
+                check_replaceable(Placement.from_dict(self.engine.placement_document()), placement)
+            except PlacementError as exc:
+                raise errors.bad_request(f"placement: {exc}", param=_placement_param(str(exc), doc)) from None
+            version = self.engine.replace_placement(placement)
+        except ReplaceBusyError as exc:
+            raise errors.APIError(409, str(exc), code="placement_busy") from None
+        except ReplaceUnavailableError as exc:
+            raise errors.APIError(409, str(exc), param="solve", code="placement_unavailable") from None
+        except EngineUnavailableError as exc:
+            raise errors.engine_unavailable(str(exc)) from None
+        return JSONResponse({"status": "swapping", "version": version}, status_code=202)
+
+
+def _placement_param(message: str, doc: dict) -> str | None:
+    """The placement field a PlacementError message is about (its messages name it in words)."""
+    head = message.split(":", 1)[0]
+    if head in ("num_layers", "num_experts", "slots_per_gpu") or head.startswith("cluster."):
+        return head
+    if message.startswith("layer ") or "expert_to_gpu" in message:
+        return "expert_to_gpus" if "expert_to_gpus" in doc or doc.get("version") == 2 else "expert_to_gpu"
+    if "missing '" in message:
+        return message.split("missing '", 1)[1].split("'", 1)[0]
+    for field in ("version", "cluster", "slots_per_gpu", "num_layers"):
+        if message.startswith(f"placement {field}") or message.startswith(field):
+            return field
+    return None
 
 
 def _usage(streams: list[TextStream]) -> dict:
@@ -387,6 +441,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
     app.add_api_route("/placement", server.placement, methods=["GET"])
+    app.add_api_route("/placement", server.placement_post, methods=["POST"])
 
     @app.exception_handler(errors.APIError)
     async def _api_error(request: Request, exc: errors.APIError) -> Response:

@@ -3,6 +3,8 @@
     server events (request done, tokens in/out, first token, last token) --> counters / histograms
     scrape --> EngineCollector reads engine.snapshot() --> queue depth, running batch, KV, per-MoE-layer
                all-to-all calls and bytes, transfers, K/V copy bytes, LAR, expert-load imbalance, per-GPU load
+           --> and engine.placement_status() --> placement version, when it changed, swaps, swap in progress,
+               the last swap's longest step
 
 Names start with ``epserve_``; per-layer series carry a ``moe_layer`` label.
 """
@@ -52,6 +54,27 @@ class EngineCollector:
             c.add_metric([], float(value))
             yield c
         yield from _layer_families(snap)
+        yield from _placement_families(self._engine.placement_status())
+
+
+def _placement_families(status: dict):
+    last = status.get("last_swap") or {}
+    for name, doc, value in (
+            ("epserve_placement_version", "version of the expert placement in use (1 at start, +1 per swap)",
+             status["version"]),
+            ("epserve_placement_changed_timestamp_seconds", "unix time the placement in use was swapped in "
+                                                            "(or the server started)", status["changed_at"]),
+            ("epserve_placement_swap_in_progress", "1 while a placement is being solved or swapped in",
+             0.0 if status["state"] == "idle" else 1.0),
+            ("epserve_placement_last_swap_longest_step_seconds", "the longest engine step of the last swap "
+                                                                 "(0 before the first)",
+             last.get("longest_step_s", 0.0))):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], float(value))
+        yield g
+    c = CounterMetricFamily("epserve_placement_swaps", "placements swapped in while serving")
+    c.add_metric([], float(status["swaps"]))
+    yield c
 
 
 def _layer_families(snap):

@@ -98,14 +98,20 @@ _UNION_FIELDS = {
 R = TypeVar("R", bound=_SamplingFields)
 
 
-def parse_body(raw: bytes, model_cls: type[R]) -> R:
-    """The request, or APIError(400) naming the first field at fault."""
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object, or APIError(400)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object")
+    return data
+
+
+def parse_body(raw: bytes, model_cls: type[R]) -> R:
+    """The request, or APIError(400) naming the first field at fault."""
+    data = parse_json(raw)
     try:
         req = model_cls.model_validate(data)
     except ValidationError as exc:

@@ -57,8 +57,9 @@ def wait_for(cond, what: str, timeout_s: float = 30.0):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def make_engine(*, kv_cache_tokens: int = 4096, **overrides):
-    runner = build_runner(MODEL_DIR, EPTopology.single(), strategy=Strategy.TWO_A2A, kv_cache_tokens=kv_cache_tokens)
+def make_engine(*, kv_cache_tokens: int = 4096, window_tokens: int = 0, **overrides):
+    runner = build_runner(MODEL_DIR, EPTopology.single(), strategy=Strategy.TWO_A2A, kv_cache_tokens=kv_cache_tokens,
+                          window_tokens=window_tokens)
     return start_engine(runner, EngineConfig.from_model_dir(MODEL_DIR, stats_min_interval_s=0.0, **overrides))
 
 
