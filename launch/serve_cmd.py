@@ -85,6 +85,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     live.add_argument("--replace-every", type=int, default=0, metavar="TOKENS",
                       help="solve a placement from the live window every TOKENS generated tokens and swap it in "
                            "when it pays (default 0: only on POST /placement)")
+    live.add_argument("--replace-step-mb", type=float, default=32.0, metavar="MB",
+                      help="expert weights one rank sends or receives per engine step during a swap (MiB; a "
+                           "layer's moves are staged over several steps, the layer switches at its last; 0: a "
+                           "whole layer per step)")
     live.add_argument("--replace-time-limit", type=float, default=10.0, metavar="S",
                       help="seconds of search for a live solve (a background process, niced)")
     live.add_argument("--replace-min-gain", type=float, default=0.02, metavar="F",
@@ -205,7 +209,8 @@ def replace_config(args):
     from placement.pipeline import RefitOptions
 
     refit = RefitOptions(time_limit=args.replace_time_limit, min_gain=args.replace_min_gain)
-    return ReplaceConfig(every_tokens=args.replace_every, refit=refit)
+    step_bytes = int(args.replace_step_mb * (1 << 20)) or None
+    return ReplaceConfig(every_tokens=args.replace_every, step_bytes=step_bytes, refit=refit)
 
 
 def _check_engine_limits(args) -> None:
@@ -259,6 +264,8 @@ def _check_numbers(args) -> None:
             raise InputError(f"{flag} must be >= 0, got {value}")
     if args.replace_every and not args.replace_window:
         raise InputError("--replace-every needs a live routing window to solve on: give --replace-window > 0")
+    if not (math.isfinite(args.replace_step_mb) and args.replace_step_mb >= 0):
+        raise InputError(f"--replace-step-mb must be a number of MiB >= 0, got {args.replace_step_mb}")
     if not (math.isfinite(args.replace_time_limit) and args.replace_time_limit > 0):
         raise InputError(f"--replace-time-limit must be a finite number of seconds > 0, got {args.replace_time_limit}")
     if not 0 <= args.replace_min_gain < 1:
@@ -299,6 +306,7 @@ def worker_argv(args, pre: Preflight) -> list[str]:
            "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
            "--collective-timeout", str(args.collective_timeout), "--replace-window", str(args.replace_window),
            "--replace-every", str(args.replace_every), "--replace-time-limit", str(args.replace_time_limit),
+           "--replace-step-mb", str(args.replace_step_mb),
            "--replace-min-gain", str(args.replace_min_gain)]
     optional = {"--placement": pre.placement_path, "--predictor": pre.predictor_path,
                 "--served-model-name": args.served_model_name, "--max-running": args.max_running,

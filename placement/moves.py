@@ -6,6 +6,10 @@
         destination's node when there is one, else anywhere; among those, the one given the fewest sends so
         far in this layer (ties: the lowest GPU), so one GPU does not serve a layer's whole reshuffle alone.
 
+    plan + a byte budget per step --swap_schedule--> SwapSteps: a layer's moves in chunks such that no GPU sends
+        or receives more than ``step_bytes`` in one step (at least one expert copy per step); the layer switches
+        to the new placement at its last chunk (a layer whose copies only shrink: one step, no moves)
+
 The plan is a pure function of the two placements, so every rank computes the same one without talking: send
 and receive sizes are known on both ends (an uneven all-to-all needs them).
 
@@ -73,3 +77,39 @@ def moves_summary(plan: list[list[ExpertMove]], gpus_per_node: int, expert_bytes
     return {"moves": sum(per_layer), "moves_per_layer": per_layer, "max_moves_in_a_layer": max(per_layer, default=0),
             "cross_node_moves": int(cross), "bytes": sum(per_layer) * expert_bytes,
             "max_bytes_in_a_layer": max(per_layer, default=0) * expert_bytes}
+
+
+@dataclass(frozen=True)
+class SwapStep:
+    """One step boundary's share of a swap: these moves of ``layer``; the layer switches after them if ``last``."""
+
+    layer: int
+    moves: tuple[ExpertMove, ...]
+    last: bool
+
+
+def swap_schedule(old_copies_LEG: np.ndarray, new_copies_LEG: np.ndarray, gpus_per_node: int, *,
+                  expert_bytes: int, step_bytes: int | None) -> list[SwapStep]:
+    """The steps of a swap, layer by layer in order (layers whose copies do not change take none). A chunk
+    takes moves in plan order while every GPU's sent and received bytes stay within ``step_bytes`` (None: a
+    whole layer per step)."""
+    old, new = np.asarray(old_copies_LEG, dtype=bool), np.asarray(new_copies_LEG, dtype=bool)
+    G = old.shape[2]
+    steps = []
+    for layer, moves in enumerate(plan_moves(old, new, gpus_per_node)):
+        if np.array_equal(old[layer], new[layer]):
+            continue
+        chunks, chunk = [], []
+        sent_G, recv_G = np.zeros(G, dtype=np.int64), np.zeros(G, dtype=np.int64)
+        for mv in moves:
+            over = step_bytes is not None and chunk and (
+                sent_G[mv.src] + expert_bytes > step_bytes or recv_G[mv.dst] + expert_bytes > step_bytes)
+            if over:
+                chunks.append(chunk)
+                chunk, sent_G[:], recv_G[:] = [], 0, 0
+            chunk.append(mv)
+            sent_G[mv.src] += expert_bytes
+            recv_G[mv.dst] += expert_bytes
+        chunks.append(chunk)
+        steps += [SwapStep(layer, tuple(c), i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    return steps

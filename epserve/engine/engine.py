@@ -36,7 +36,7 @@ from epserve.engine.api import (Delta, EngineHealth, EngineSnapshot, EngineUnava
 from epserve.engine.control import ControlChannel
 from epserve.engine.live_stats import GroupTraffic, LiveStats
 from epserve.engine.plan import REPLACE_COMMIT, REPLACE_NONE, StepPlan, StepResult
-from epserve.engine.replace import LiveReplacement
+from epserve.engine.replace import LiveReplacement, expert_bytes_of
 from epserve.engine.replace_control import ReplaceConfig, ReplaceCoordinator
 from epserve.engine.request import Stream
 from epserve.engine.runner import Runner
@@ -198,7 +198,8 @@ class Engine:
         self._kv_used, self._kv_capacity = 0, kv.num_blocks * kv.block_size
         self._live = LiveReplacement(runner, channel)
         self._replace = ReplaceCoordinator(runner.placement, config.replace, strategy=runner.strategy,
-                                           has_window=runner.window is not None, wake=self._wake)
+                                           has_window=runner.window is not None,
+                                           expert_bytes=expert_bytes_of(runner), wake=self._wake)
         self._bundle = None                 # the next REPLACE_BEGIN's bundle
         self._thread = threading.Thread(target=self._run, name="epserve-engine", daemon=True)
 

@@ -4,13 +4,14 @@ per step, expert weights moved between ranks (never re-read from disk), requests
     every rank, at the boundary of a plan whose ``replace`` is set, before the step's tokens run:
       REPLACE_COLLECT  the live routing window --all-gather--> a RoutingTrace (rank 0 solves on it, in the
                        background: epserve/engine/replace_control.py)
-      REPLACE_BEGIN    rank 0's bundle (new placement + predictor + version) --broadcast (CPU group)-->
-                       every rank: check it, plan_moves(old copies, new copies) (placement/moves.py: a pure
-                       function, so every rank knows every send and receive size without talking)
-      layer m >= 0     layer m's moved experts: [gate_up | down] rows --ONE uneven all-to-all (counted:
-                       CollKind.WEIGHTS, phase "replace")--> the rank's new stacked experts for layer m
-                       (kept experts copied, received ones placed) --> layer m's copy-choice row, anchor row and
-                       live-stats row switch; the next step routes layer m by the new placement
+      REPLACE_BEGIN    rank 0's bundle (new placement + predictor + version + the swap schedule: placement/moves.py,
+                       each layer's expert moves in chunks of at most ``step_bytes`` per rank) --broadcast (CPU
+                       group)--> every rank checks it; every send and receive size is in the schedule
+      step i >= 0      schedule[i]: its moved experts as [gate_up | down] rows --ONE uneven all-to-all (counted:
+                       CollKind.WEIGHTS, phase "replace")--> staged; at the layer's last chunk: the rank's new
+                       stacked experts for the layer (kept experts copied, staged ones placed) --> the layer's
+                       copy-choice row, anchor row and live-stats row switch; the next step routes it by the
+                       new placement
       REPLACE_COMMIT   every table from the new placement (layers without moves too), the predictor, the
                        runner's placement: the swap is done
 
@@ -26,7 +27,7 @@ F = 2I x D + D x I (one expert's weights as one row).
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from comm.counters import CollKind
 from epserve.engine.plan import REPLACE_BEGIN, REPLACE_COLLECT, REPLACE_COMMIT, REPLACE_NONE, StepPlan
 from epserve.engine.runner import Runner
 from epserve.model.experts import GroupedExperts
-from placement.moves import ExpertMove, check_replaceable, plan_moves
+from placement.moves import ExpertMove, SwapStep, check_replaceable, swap_schedule
 from placement.placement import Placement
 from placement.trace import RoutingTrace
 
@@ -50,11 +51,20 @@ class Bundle:
     placement: Placement
     predictor: object | None   # placement.predictor.SpeculativePredictor fitted for ``placement``, or None
     version: int
+    schedule: tuple[SwapStep, ...] = field(default=())   # filled by ``scheduled`` before REPLACE_BEGIN
+
+    def scheduled(self, old: Placement, *, expert_bytes: int, step_bytes: int | None) -> "Bundle":
+        """This bundle with the schedule of its swap from ``old`` (placement/moves.py ``swap_schedule``)."""
+        steps = swap_schedule(old.copies_LEG, self.placement.copies_LEG, old.cluster.gpus_per_node,
+                              expert_bytes=expert_bytes, step_bytes=step_bytes)
+        return Bundle(self.placement, self.predictor, self.version, tuple(steps))
 
 
-def changed_layers(old: Placement, new: Placement) -> list[int]:
-    """MoE layers whose copies differ: the ones that need a step of their own (the rest switch at COMMIT)."""
-    return [m for m in range(old.num_layers) if not np.array_equal(old.copies_LEG[m], new.copies_LEG[m])]
+def expert_bytes_of(runner: Runner) -> int:
+    """Bytes of one routed expert's weights as served (gate, up, down)."""
+    block = runner.model.moe_blocks()[0].experts
+    per_expert = block.gate_up_proj.shape[1:].numel() + block.down_proj.shape[1:].numel()
+    return per_expert * block.down_proj.element_size()
 
 
 class LiveReplacement:
@@ -65,7 +75,7 @@ class LiveReplacement:
         self.runner, self.channel = runner, channel
         self.version = 1
         self._new: Bundle | None = None
-        self._moves: list[list[ExpertMove]] = []
+        self._staged: dict[int, tuple] = {}   # experts received for the layer being moved (switches at its last)
         self.moved_bytes = 0      # expert weights this rank sent during the current / last swap
 
     @property
@@ -86,7 +96,7 @@ class LiveReplacement:
         elif op == REPLACE_COMMIT:
             self._commit()
         elif op >= 0:
-            self._swap_layer(op)
+            self._swap_step(op)
         else:
             raise RuntimeError(f"step {plan.step}: unknown replace op {op}")
         return None
@@ -107,16 +117,18 @@ class LiveReplacement:
         bundle = pickle.loads(payload)
         old = self.runner.placement
         check_replaceable(old, bundle.placement)
-        self._new = bundle
-        self._moves = plan_moves(old.copies_LEG, bundle.placement.copies_LEG, old.cluster.gpus_per_node)
+        self._new, self._staged = bundle, {}
         self.moved_bytes = 0
 
-    def _swap_layer(self, m: int) -> None:
-        new = self._new.placement
-        block = self.runner.model.moe_blocks()[m]
-        received = self._exchange(block.experts, self._moves[m], m)
-        block.experts = _restacked(block.experts, new.experts_on(self.runner.topology.rank)[m], received)
-        self._switch_tables(new, layers=[m])
+    def _swap_step(self, i: int) -> None:
+        step, new = self._new.schedule[i], self._new.placement
+        block = self.runner.model.moe_blocks()[step.layer]
+        self._staged.update(self._exchange(block.experts, step.moves, step.layer))
+        if step.last:
+            block.experts = _restacked(block.experts, new.experts_on(self.runner.topology.rank)[step.layer],
+                                       self._staged)
+            self._staged = {}
+            self._switch_tables(new, layers=[step.layer])
 
     def _commit(self) -> None:
         bundle = self._new
@@ -128,9 +140,9 @@ class LiveReplacement:
         self.version, self._new = bundle.version, None
 
     # ---- pieces -----------------------------------------------------------------------------------------
-    def _exchange(self, experts: GroupedExperts, moves: list[ExpertMove], m: int) -> dict[int, tuple]:
-        """Send the experts this rank gives away in layer m, receive the ones it gains: {expert: (gate_up,
-        down)}. No call when the layer moves nothing (every rank knows it from the pure plan)."""
+    def _exchange(self, experts: GroupedExperts, moves: tuple[ExpertMove, ...], m: int) -> dict[int, tuple]:
+        """Send the experts this rank gives away in ``moves`` (of layer m), receive the ones it gains: {expert:
+        (gate_up, down)}. No call when nothing moves (every rank knows it from the schedule)."""
         if not moves:
             return {}
         coll, me, G = self.runner.coll, self.runner.topology.rank, self.runner.topology.world_size

@@ -4,7 +4,8 @@
     POST /placement {"solve": true}, or every ``every_tokens`` generated tokens --request_solve--> COLLECT
         --> the window's trace --background process (spawn, niced): placement.pipeline.refit--> a Bundle when the
             new placement cuts transfers on the window by ``min_gain``, else nothing (the report says why)
-    engine thread, each plan: next_op() --> BEGIN (bundle) --> changed layer m, one per step --> COMMIT
+    engine thread, each plan: next_op() --> BEGIN (bundle + schedule) --> schedule step i, one per plan (a layer's
+        moves in chunks of at most ``step_bytes`` per rank) --> COMMIT
     every step: after_step(op, seconds) --> the longest step of each swap against recent normal steps
 
 One swap or solve at a time: a request while one runs is refused (ReplaceBusyError: HTTP 409) and the running
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from epserve.engine.plan import REPLACE_BEGIN, REPLACE_COLLECT, REPLACE_COMMIT, REPLACE_NONE
-from epserve.engine.replace import Bundle, changed_layers
+from epserve.engine.replace import Bundle
 from placement.pipeline import RefitOptions, refit_niced
 from placement.placement import Placement
 
@@ -39,6 +40,7 @@ class ReplaceUnavailableError(RuntimeError):
 class ReplaceConfig:
     every_tokens: int = 0            # solve + swap after this many generated tokens (0: only on request)
     min_window_tokens: int = 64      # a solve needs at least this many tokens of live routing
+    step_bytes: int | None = 32 << 20   # expert weights one rank sends or receives per step (None: a layer)
     refit: RefitOptions = RefitOptions()
 
     def __post_init__(self) -> None:
@@ -46,12 +48,15 @@ class ReplaceConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"replace {name} must be an integer >= 0, got {value!r}")
+        if self.step_bytes is not None and self.step_bytes < 1:
+            raise ValueError(f"replace step_bytes must be >= 1 or None, got {self.step_bytes!r}")
 
 
 class ReplaceCoordinator:
     def __init__(self, placement: Placement, config: ReplaceConfig, *, strategy, has_window: bool,
-                 wake: Callable[[], None]) -> None:
+                 expert_bytes: int, wake: Callable[[], None]) -> None:
         self.config, self.strategy, self.has_window, self._wake = config, strategy, has_window, wake
+        self.expert_bytes = expert_bytes
         self.placement = placement
         self.version, self.changed_at = 1, time.time()
         self.swaps = 0
@@ -113,12 +118,15 @@ class ReplaceCoordinator:
         if self._ops:
             return self._ops.popleft(), None
         if self._pending is not None:
-            bundle, self._pending = self._pending, None
-            layers = changed_layers(self.placement, bundle.placement)
-            self._ops.extend(layers + [REPLACE_COMMIT])
+            bundle = self._pending.scheduled(self.placement, expert_bytes=self.expert_bytes,
+                                             step_bytes=self.config.step_bytes)
+            self._pending = None
+            self._ops.extend(list(range(len(bundle.schedule))) + [REPLACE_COMMIT])
+            moves = sum(len(s.moves) for s in bundle.schedule)
             self._swap = {"to_version": bundle.version, "source": self._pending_source,
-                          "started_at": time.time(), "layers": len(layers), "layers_done": 0,
-                          "longest_step_s": 0.0, "steps": 0}
+                          "started_at": time.time(), "layers": sum(s.last for s in bundle.schedule),
+                          "layers_done": 0, "schedule_steps": len(bundle.schedule), "expert_moves": moves,
+                          "moved_bytes": moves * self.expert_bytes, "longest_step_s": 0.0, "steps": 0}
             self._bundle = bundle
             return REPLACE_BEGIN, bundle
         return REPLACE_NONE, None
@@ -135,12 +143,12 @@ class ReplaceCoordinator:
         swap = self._swap
         swap["steps"] += 1
         swap["longest_step_s"] = max(swap["longest_step_s"], seconds)
-        swap["layers_done"] += op >= 0
+        swap["layers_done"] += op >= 0 and self._bundle.schedule[op].last
         if op == REPLACE_COMMIT:
             normal = statistics.median(self._normal_s) if self._normal_s else None
             self.placement, self.version, self.changed_at = self._bundle.placement, self._bundle.version, time.time()
             self.swaps += 1
-            self.last_swap = {**swap, "finished_at": self.changed_at, "moved_bytes_rank0": moved_bytes,
+            self.last_swap = {**swap, "finished_at": self.changed_at, "sent_bytes_rank0": moved_bytes,
                               "normal_step_p50_s": normal,
                               "longest_over_normal": swap["longest_step_s"] / normal if normal else None}
             self._swap = self._bundle = None

@@ -20,7 +20,7 @@ from epserve.engine.builder import build_runner
 from epserve.engine.control import ControlChannel
 from epserve.engine.generate import generate
 from epserve.engine.plan import REPLACE_BEGIN, REPLACE_COMMIT, REPLACE_NONE
-from epserve.engine.replace import Bundle, LiveReplacement, changed_layers
+from epserve.engine.replace import Bundle, LiveReplacement, expert_bytes_of
 from epserve.model.loader import load_model
 from placement.cluster import ClusterShape
 from placement.moves import plan_moves
@@ -29,7 +29,7 @@ from placement.transport import Transport
 from tests.dist._runner_cases import DTYPES
 
 PROMPTS = ((5, 6, 7, 8, 9, 10, 11), (12, 13), (3,), (40, 41, 42, 43, 44))
-NEW = 10
+NEW = 32
 FIRST_SWAP_STEP = 2          # after the prefill step and one decode step: every sequence is mid-flight
 
 
@@ -42,16 +42,19 @@ class ReplaceCase:
     targets: tuple[Placement, ...]     # swapped in one after the other
     transport: Transport = Transport.A2A
     dtype: str = "float32"
+    step_experts: int | None = None    # the swap's byte budget per step, in expert copies (None: a layer)
 
 
-def schedule(start: Placement, targets) -> dict[int, tuple[int, Bundle | None]]:
-    """step -> (replace op, bundle): BEGIN, one step per changed layer, COMMIT; the next swap right after."""
+def schedule(start: Placement, targets, *, expert_bytes: int, step_bytes: int | None
+             ) -> dict[int, tuple[int, Bundle | None]]:
+    """step -> (replace op, bundle): BEGIN, each schedule step, COMMIT; the next swap right after."""
     ops, step, current = {}, FIRST_SWAP_STEP, start
     for version, target in enumerate(targets, start=2):
-        ops[step] = (REPLACE_BEGIN, Bundle(target, None, version))
+        bundle = Bundle(target, None, version).scheduled(current, expert_bytes=expert_bytes, step_bytes=step_bytes)
+        ops[step] = (REPLACE_BEGIN, bundle)
         step += 1
-        for m in changed_layers(current, target):
-            ops[step] = (m, None)
+        for i in range(len(bundle.schedule)):
+            ops[step] = (i, None)
             step += 1
         ops[step] = (REPLACE_COMMIT, None)
         step += 1
@@ -66,7 +69,9 @@ def run_replace_cases(topology, cases: list[ReplaceCase]) -> list[dict]:
                               kv_cache_tokens=512, kv_block_size=4, check_splits=True, transport=case.transport,
                               dtype=DTYPES[case.dtype])
         live = LiveReplacement(runner, ControlChannel(topology, counters=runner.counters))
-        ops = schedule(case.start, case.targets)
+        per_expert = expert_bytes_of(runner)
+        ops = schedule(case.start, case.targets, expert_bytes=per_expert,
+                       step_bytes=None if case.step_experts is None else case.step_experts * per_expert)
         seen = []
 
         def hook(plan):
@@ -89,7 +94,7 @@ def run_replace_cases(topology, cases: list[ReplaceCase]) -> list[dict]:
                     "placement_is_final": runner.placement is final or np.array_equal(
                         runner.placement.copies_LEG, final.copies_LEG),
                     "table": runner.dispatcher.expert_to_rank_LE.cpu().numpy(),
-                    "moved_rows": moved.rows, "moved_payload": moved.payload_bytes, "steps": seen,
+                    "all_ops_ran": max(ops) < gen.steps, "moved_rows": moved.rows, "moved_payload": moved.payload_bytes, "steps": seen,
                     "busy_steps": [s for s, op, n in seen if op != REPLACE_NONE and n > 0]})
     return out
 

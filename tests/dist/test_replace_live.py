@@ -4,7 +4,8 @@ holds exactly the final placement's experts, bit-identical to the checkpoint's, 
 copies placement/moves.py planned (counted as CollKind.WEIGHTS).
 
 Cases per world size (2 ranks: one node; 4 ranks: 2 nodes x 2): contiguous --> permuted --> back, under
-two_a2a and coherent, a2a and fixed transports; at 4 ranks a swap into a replicated (v2) placement and out of
+two_a2a and coherent, a2a and fixed transports, a whole layer per step or one expert copy per rank per step
+(a layer's moves staged over several steps); at 4 ranks a swap into a replicated (v2) placement and out of
 it; top-8 Qwen3 in bfloat16.
 """
 
@@ -34,11 +35,13 @@ def _cases(models: dict, G: int) -> list[ReplaceCase]:
         other = permuted(start, seed=G)
         for strategy in (Strategy.TWO_A2A, Strategy.COHERENT):
             for transport in ((Transport.A2A, Transport.FIXED) if name == "mixtral_top2" else (Transport.A2A,)):
-                cases.append(ReplaceCase(f"{name}/{strategy.value}/{transport.value}/{dtype}", ckpt, strategy, start,
-                                         (other, start), transport, dtype))
+                # the swap's budget in expert copies per rank per step (None: a whole layer per step)
+                chunked = {("mixtral_top2", Transport.FIXED): 1, ("qwen3_top8", Transport.A2A): 3}.get((name, transport))
+                cases.append(ReplaceCase(f"{name}/{strategy.value}/{transport.value}/{dtype}/step{chunked}", ckpt,
+                                         strategy, start, (other, start), transport, dtype, chunked))
         if G == 4 and name == "mixtral_top2":
             cases.append(ReplaceCase(f"{name}/coherent/replicas", ckpt, Strategy.COHERENT, start,
-                                     (with_replicas(other, seed=3), other)))
+                                     (with_replicas(other, seed=3), other), step_experts=1))
     return cases
 
 
@@ -84,6 +87,7 @@ def test_after_the_swaps_each_rank_holds_the_final_placement(replace_runs, G):
             ModelConfig.from_dir(case.ckpt).moe_intermediate_size * (2 if case.dtype == "bfloat16" else 4)
         for r in range(G):
             res = per_rank[r][i]
+            assert res["all_ops_ran"], f"{case.name}: the generation ended before the swaps did"
             assert res["loaded"] == res["want"], f"{case.name}: rank {r}"
             assert res["same_weights"], f"{case.name}: rank {r}'s moved weights differ from the checkpoint's"
             assert res["version"] == 1 + len(case.targets) and res["placement_is_final"], case.name
@@ -94,12 +98,14 @@ def test_after_the_swaps_each_rank_holds_the_final_placement(replace_runs, G):
         assert sum(expected_sent_rows(case, r) for r in range(G)) > 0, case.name
 
 
-def test_schedule_is_one_layer_per_step():
-    from tests.dist._replace_cases import schedule
+def test_schedule_runs_the_swap_steps_in_order_between_begin_and_commit():
+    from epserve.engine.plan import REPLACE_BEGIN, REPLACE_COMMIT
     from placement.cluster import ClusterShape
+    from tests.dist._replace_cases import schedule
     start = contiguous_placement(3, 8, ClusterShape(gpus_per_node=2))
     other = permuted(start, seed=1)
-    ops = schedule(start, (other,))
-    assert [op for _, (op, _) in sorted(ops.items())][1:-1] == [m for m in range(3)
-                                                               if (start.copies_LEG[m] != other.copies_LEG[m]).any()]
-    assert REPLACE_NONE not in [op for op, _ in ops.values()]
+    ops = schedule(start, (other,), expert_bytes=10, step_bytes=10)
+    seq = [op for _, (op, _) in sorted(ops.items())]
+    bundle = ops[min(ops)][1]
+    assert seq == [REPLACE_BEGIN, *range(len(bundle.schedule)), REPLACE_COMMIT] and REPLACE_NONE not in seq
+    assert len(bundle.schedule) > 3   # one expert copy per rank per step: layers take several steps
