@@ -85,7 +85,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     live.add_argument("--replace-every", type=int, default=0, metavar="TOKENS",
                       help="solve a placement from the live window every TOKENS generated tokens and swap it in "
                            "when it pays (default 0: only on POST /placement)")
-    live.add_argument("--replace-step-mb", type=float, default=32.0, metavar="MB",
+    live.add_argument("--replace-step-mb", type=float, default=8.0, metavar="MB",
                       help="expert weights one rank sends or receives per engine step during a swap (MiB; a "
                            "layer's moves are staged over several steps, the layer switches at its last; 0: a "
                            "whole layer per step)")

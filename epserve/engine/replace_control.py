@@ -40,7 +40,7 @@ class ReplaceUnavailableError(RuntimeError):
 class ReplaceConfig:
     every_tokens: int = 0            # solve + swap after this many generated tokens (0: only on request)
     min_window_tokens: int = 64      # a solve needs at least this many tokens of live routing
-    step_bytes: int | None = 32 << 20   # expert weights one rank sends or receives per step (None: a layer)
+    step_bytes: int | None = 8 << 20    # expert weights one rank sends or receives per step (None: a layer)
     refit: RefitOptions = RefitOptions()
 
     def __post_init__(self) -> None:

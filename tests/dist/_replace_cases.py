@@ -30,6 +30,7 @@ from tests.dist._runner_cases import DTYPES
 
 PROMPTS = ((5, 6, 7, 8, 9, 10, 11), (12, 13), (3,), (40, 41, 42, 43, 44))
 NEW = 32
+WINDOW = 24                  # tokens of the live routing window (ring recorder)
 FIRST_SWAP_STEP = 2          # after the prefill step and one decode step: every sequence is mid-flight
 
 
@@ -67,7 +68,7 @@ def run_replace_cases(topology, cases: list[ReplaceCase]) -> list[dict]:
     for case in cases:
         runner = build_runner(case.ckpt, topology, strategy=case.strategy, placement=case.start,
                               kv_cache_tokens=512, kv_block_size=4, check_splits=True, transport=case.transport,
-                              dtype=DTYPES[case.dtype])
+                              dtype=DTYPES[case.dtype], record_tokens=4096, window_tokens=WINDOW)
         live = LiveReplacement(runner, ControlChannel(topology, counters=runner.counters))
         per_expert = expert_bytes_of(runner)
         ops = schedule(case.start, case.targets, expert_bytes=per_expert,
@@ -89,14 +90,24 @@ def run_replace_cases(topology, cases: list[ReplaceCase]) -> list[dict]:
                            and torch.equal(a.experts.down_proj, b.experts.down_proj)
                            for a, b in zip(runner.model.moe_blocks(), ref.moe_blocks()))
         moved = runner.counters.total(CollKind.WEIGHTS)
+        full, window = runner.recorder.gather(runner.coll), runner.window.gather(runner.coll)   # collectives
         out.append({"tokens": gen.tokens, "loaded": {m: list(ids) for m, ids in runner.model.loaded_experts.items()},
                     "want": want, "same_weights": same_weights, "version": live.version,
                     "placement_is_final": runner.placement is final or np.array_equal(
                         runner.placement.copies_LEG, final.copies_LEG),
                     "table": runner.dispatcher.expert_to_rank_LE.cpu().numpy(),
                     "all_ops_ran": max(ops) < gen.steps, "moved_rows": moved.rows, "moved_payload": moved.payload_bytes, "steps": seen,
-                    "busy_steps": [s for s, op, n in seen if op != REPLACE_NONE and n > 0]})
+                    "busy_steps": [s for s, op, n in seen if op != REPLACE_NONE and n > 0],
+                    "window_is_the_latest_routing": _window_is_tail(window, full)})
     return out
+
+
+def _window_is_tail(window, full) -> bool:
+    """The ring recorder holds the last WINDOW tokens the run fed, oldest first, as the first-N recorder does."""
+    n = window.num_tokens
+    return n == min(WINDOW, full.num_tokens) and all(
+        np.array_equal(getattr(window, a), getattr(full, a)[-n:])
+        for a in ("experts_TLK", "weights_TLK", "token_ids_T", "seq_ids_T", "positions_T"))
 
 
 def expected_sent_rows(case: ReplaceCase, rank: int) -> int:

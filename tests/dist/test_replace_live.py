@@ -90,6 +90,7 @@ def test_after_the_swaps_each_rank_holds_the_final_placement(replace_runs, G):
             assert res["all_ops_ran"], f"{case.name}: the generation ended before the swaps did"
             assert res["loaded"] == res["want"], f"{case.name}: rank {r}"
             assert res["same_weights"], f"{case.name}: rank {r}'s moved weights differ from the checkpoint's"
+            assert res["window_is_the_latest_routing"], f"{case.name}: the live window is not the latest routing"
             assert res["version"] == 1 + len(case.targets) and res["placement_is_final"], case.name
             assert (res["table"] == final.copy_choice_LEG[:, :, r]).all(), case.name
             sent = expected_sent_rows(case, r)

@@ -143,3 +143,19 @@ def test_solve_from_live_routing_runs_in_the_background_and_refuses_a_second_req
     # one GPU: every placement is the same, so nothing pays and nothing is swapped
     assert solved["swapped"] is False and "min_gain" in solved["reason"]
     assert _version(live) == version
+
+
+def test_replace_every_solves_from_live_routing_without_a_request():
+    eng = make_engine(window_tokens=64, replace=ReplaceConfig(every_tokens=16, min_window_tokens=8,
+                                                             refit=RefitOptions(time_limit=0.5)))
+    srv = LiveServer(eng, ServerConfig(model_dir=MODEL_DIR, api_key=KEY))
+    try:
+        with srv.client(headers=AUTH) as c:
+            assert c.get("/placement").json()["replacement"]["every_tokens"] == 16
+            assert c.post("/v1/completions", json={**LONG_BODY, "prompt": "x = ", "max_tokens": 40}).status_code == 200
+            solve = wait_for(lambda: c.get("/placement").json()["replacement"]["last_solve"], "an automatic solve",
+                             timeout_s=90)
+        assert solve["window_tokens"] >= 16 and solve["swapped"] is False   # one GPU: nothing to gain
+    finally:
+        srv.stop()
+        eng.shutdown()
