@@ -4,7 +4,7 @@ holds exactly the final placement's experts, bit-identical to the checkpoint's, 
 copies placement/moves.py planned (counted as CollKind.WEIGHTS).
 
 Cases per world size (2 ranks: one node; 4 ranks: 2 nodes x 2): contiguous --> permuted --> back, under
-two_a2a and coherent, a2a and fixed transports, a whole layer per step or one expert copy per rank per step
+two_a2a and coherent, a2a and fixed transports (node_aware at 4 ranks), a whole layer per step or one expert copy per rank per step
 (a layer's moves staged over several steps); at 4 ranks a swap into a replicated (v2) placement and out of
 it; top-8 Qwen3 in bfloat16.
 """
@@ -42,6 +42,8 @@ def _cases(models: dict, G: int) -> list[ReplaceCase]:
         if G == 4 and name == "mixtral_top2":
             cases.append(ReplaceCase(f"{name}/coherent/replicas", ckpt, Strategy.COHERENT, start,
                                      (with_replicas(other, seed=3), other), step_experts=1))
+            cases.append(ReplaceCase(f"{name}/two_a2a/node_aware", ckpt, Strategy.TWO_A2A, start, (other, start),
+                                     Transport.NODE_AWARE, step_experts=1))
     return cases
 
 
