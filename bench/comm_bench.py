@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class Spec:
 
 
 def build_checkpoint(out: Path, model: dict, family: str = "mixtral") -> Path:
-    from tests.tiny_models import make_tiny_checkpoint
+    from epserve.training.tiny_models import make_tiny_checkpoint
     key = f"{family}-" + "-".join(f"{k}{v}" for k, v in sorted(model.items()))
     if len(key) > 200:   # a file name holds 255 bytes: the DeepSeek key is hashed
         key = f"{family}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
@@ -150,6 +151,9 @@ def _one_run(topology, runner, wl: Workload):
 
 # ---- rank side: one MoE layer, DeepSpeed vs ours -------------------------------------------------------
 def layer_rank(topology, spec: Spec) -> dict:
+    # The ranks run on the CPU (gloo): naming DeepSpeed's accelerator skips its detection, which otherwise warns
+    # "Setting accelerator to CPU ..." once per rank. Its errors and other warnings are untouched.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     from deepspeed.moe.layer import MoE
 
