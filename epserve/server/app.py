@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from epserve.engine.api import EngineClient, EngineUnavailableError, GenerationRequest, QueueFullError
 from epserve.engine.plan import SamplingParams
 from epserve.engine.replace_control import ReplaceBusyError, ReplaceUnavailableError
 from epserve.model.config import ModelConfig
 from epserve.server import errors, protocol
+from epserve.server import schemas as S
 from epserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from epserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from epserve.server.streaming import SSE_DONE, TextEvent, TextStream, merge, sse
@@ -356,16 +357,21 @@ class _Server:
         doc = protocol.parse_json(await self.read_body(request))
         try:
             if "solve" in doc:
-                if doc != {"solve": True}:
+                if len(doc) != 1 or doc["solve"] is not True:   # not == {"solve": True}: 1 == True
                     raise errors.bad_request("'solve' must be true, alone in the body", param="solve")
                 self.engine.solve_placement()
                 return JSONResponse({"status": "solving", "version": self.engine.placement_status()["version"]},
                                     status_code=202)
+            running = Placement.from_dict(self.engine.placement_document())
             try:
+                _check_shape(doc, running)   # before building the tables, whose size the document sets
                 placement = Placement.from_dict(doc)
-                check_replaceable(Placement.from_dict(self.engine.placement_document()), placement)
+                check_replaceable(running, placement)
             except PlacementError as exc:
                 raise errors.bad_request(f"placement: {exc}", param=_placement_param(str(exc), doc)) from None
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:   # a malformed field
+                raise errors.bad_request(f"placement: not a valid placement document ({type(exc).__name__}: "
+                                         f"{exc})", param=None) from None
             version = self.engine.replace_placement(placement)
         except ReplaceBusyError as exc:
             raise errors.APIError(409, str(exc), code="placement_busy") from None
@@ -374,6 +380,18 @@ class _Server:
         except EngineUnavailableError as exc:
             raise errors.engine_unavailable(str(exc)) from None
         return JSONResponse({"status": "swapping", "version": version}, status_code=202)
+
+
+def _check_shape(doc: dict, running: Placement) -> None:
+    """The document's header against the running placement's (PlacementError naming the field)."""
+    cluster = doc.get("cluster")
+    for name, want in (("num_layers", running.num_layers), ("num_experts", running.num_experts)):
+        if name in doc and doc[name] != want:
+            raise PlacementError(f"{name}: the new placement has {doc[name]!r}, the running one {want}")
+    for name in ("nodes", "gpus_per_node"):
+        if isinstance(cluster, dict) and name in cluster and cluster[name] != getattr(running.cluster, name):
+            raise PlacementError(f"cluster.{name}: the new placement has {cluster[name]!r}, the running cluster "
+                                 f"{getattr(running.cluster, name)}")
 
 
 def _placement_param(message: str, doc: dict) -> str | None:
@@ -433,19 +451,41 @@ class _RequestCounter:
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     """The app (rank 0). The caller owns the engine: it starts it before and shuts it down after serving."""
     server = _Server(engine, config)
-    app = FastAPI(title="epserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="epserve", version=S.version(), description=S.DESCRIPTION, docs_url="/docs",
+                  redoc_url=None)
     app.state.server = server
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/models", server.models, methods=["GET"])
-    app.add_api_route("/health", server.health, methods=["GET"])
-    app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
-    app.add_api_route("/placement", server.placement, methods=["GET"])
-    app.add_api_route("/placement", server.placement_post, methods=["POST"])
+    route = app.add_api_route
+    route("/v1/completions", server.completions, methods=["POST"], summary="Text completion",
+          responses=S.generation_responses(S.CompletionResponse, S.CompletionChunk),
+          openapi_extra=S.SECURED | S.request_body(S.inline_schema(CompletionRequest), S.COMPLETION_EXAMPLE))
+    route("/v1/chat/completions", server.chat_completions, methods=["POST"], summary="Chat completion",
+          responses=S.generation_responses(S.ChatCompletionResponse, S.ChatCompletionChunk),
+          openapi_extra=S.SECURED | S.request_body(S.inline_schema(ChatCompletionRequest), S.CHAT_EXAMPLE))
+    route("/v1/models", server.models, methods=["GET"], summary="The served model names",
+          responses={200: {"model": S.ModelList}, **S.error_responses(401)}, openapi_extra=S.SECURED)
+    route("/health", server.health, methods=["GET"], summary="Liveness of the engine",
+          responses={200: {"model": S.HealthOk}, 503: {"model": S.HealthUnavailable,
+                                                       "description": "The engine cannot serve"}})
+    route("/metrics", server.metrics_endpoint, methods=["GET"], summary="Prometheus metrics",
+          response_class=PlainTextResponse,
+          responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                           "description": "Prometheus text format"}})
+    route("/placement", server.placement, methods=["GET"], summary="The placement in use and live traffic",
+          responses={200: {"model": S.PlacementView}})
+    route("/placement", server.placement_post, methods=["POST"], summary="Swap in a placement while serving",
+          status_code=202,
+          responses={202: {"model": S.PlacementAccepted, "description": "Accepted: GET /placement follows it"},
+                     **S.error_responses(400, 401, 403, 409, 413, 503)},
+          openapi_extra=S.SECURED | S.request_body(
+              {"oneOf": [S.inline_schema(S.PlacementDocument), S.inline_schema(S.SolveRequest)]}, {"solve": True}))
+    for path, get in (("/v1/models", server.models), ("/health", server.health),
+                      ("/metrics", server.metrics_endpoint), ("/placement", server.placement)):
+        route(path, _head(get), methods=["HEAD"], include_in_schema=False)
+    S.secure_openapi(app)
 
     @app.exception_handler(errors.APIError)
     async def _api_error(request: Request, exc: errors.APIError) -> Response:
-        return exc.response()
+        return _bodyless(exc.response()) if request.method == "HEAD" else exc.response()
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc) -> Response:
@@ -458,3 +498,17 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
 
     app.add_middleware(_RequestCounter, metrics=server.metrics)
     return app
+
+
+def _bodyless(response: Response) -> Response:
+    """``response`` for a HEAD request: the same status and headers (Content-Length of the GET), no body."""
+    out = Response(status_code=response.status_code)
+    out.raw_headers = list(response.raw_headers)
+    return out
+
+
+def _head(get):
+    """HEAD for a GET endpoint: the GET's status and headers, no body."""
+    async def head(request: Request) -> Response:
+        return _bodyless(await get(request))
+    return head

@@ -11,6 +11,7 @@ context, token ids in the vocabulary) are checked by the app.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Literal, TypeVar, Union
@@ -24,7 +25,7 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -102,11 +103,34 @@ def parse_json(raw: bytes) -> dict:
     """The body as a JSON object, or APIError(400)."""
     try:
         data = json.loads(raw)
+        where = _non_finite(data) if isinstance(data, dict) else None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object")
+    if where is not None:   # Python's json reads NaN, Infinity, -Infinity and overflowing numbers (1e999)
+        param, value = where
+        raise bad_request(f"Invalid value for '{param}': must be a finite number, got {_JSON_NAMES[repr(value)]}",
+                          param, "invalid_value")
     return data
+
+
+_JSON_NAMES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _non_finite(value, path: str = "") -> tuple[str, float] | None:
+    """(the field, the value) of the first non-finite number in a parsed body, named as errors name fields:
+    ``temperature``, ``prompt[1][0]``, ``logit_bias.42``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_body(raw: bytes, model_cls: type[R]) -> R:

@@ -105,10 +105,46 @@ def test_chat_bad_field_names_it(change, param, words):
     assert words in err.message
 
 
+@pytest.mark.parametrize("cls, field, param, shown", [
+    (CompletionRequest, '"temperature": NaN', "temperature", "NaN"),
+    (CompletionRequest, '"temperature": Infinity', "temperature", "Infinity"),
+    (CompletionRequest, '"top_p": -Infinity', "top_p", "-Infinity"),
+    (CompletionRequest, '"max_tokens": NaN', "max_tokens", "NaN"),
+    (CompletionRequest, '"max_tokens": 1e999', "max_tokens", "Infinity"),   # json reads it as inf
+    (CompletionRequest, '"top_k": Infinity', "top_k", "Infinity"),
+    (CompletionRequest, '"seed": NaN', "seed", "NaN"),
+    (CompletionRequest, '"presence_penalty": NaN', "presence_penalty", "NaN"),
+    (CompletionRequest, '"logit_bias": {"5": NaN}', "logit_bias.5", "NaN"),
+    (CompletionRequest, '"logprobs": NaN', "logprobs", "NaN"),
+    (CompletionRequest, '"best_of": Infinity', "best_of", "Infinity"),
+    (CompletionRequest, '"n": NaN', "n", "NaN"),
+    (ChatCompletionRequest, '"max_completion_tokens": NaN', "max_completion_tokens", "NaN"),
+    (ChatCompletionRequest, '"frequency_penalty": -Infinity', "frequency_penalty", "-Infinity"),
+    (ChatCompletionRequest, '"top_logprobs": NaN', "top_logprobs", "NaN"),
+])
+def test_non_finite_numbers_are_refused_naming_the_field(cls, field, param, shown):
+    base = OK_COMPLETION if cls is CompletionRequest else OK_CHAT
+    raw = (json.dumps(base)[:-1] + ", " + field + "}").encode()
+    err = refused(raw, cls)
+    assert (err.status, err.param, err.code) == (400, param, "invalid_value")
+    assert f"'{param}': must be a finite number, got {shown}" in err.message
+
+
+def test_non_finite_number_inside_a_prompt_names_the_element():
+    err = refused(b'{"model": "m", "prompt": [[1, 2], [3, NaN]]}', CompletionRequest)
+    assert (err.status, err.param) == (400, "prompt[1][1]") and "finite number" in err.message
+
+
+def test_finite_floats_still_parse():
+    req = parse_body(json.dumps({**OK_COMPLETION, "temperature": 1e-300, "top_p": 0.5}).encode(), CompletionRequest)
+    assert (req.temperature, req.top_p) == (1e-300, 0.5)
+
+
 @pytest.mark.parametrize("raw, words", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
     (b"\xff\xfe", "not valid JSON"),
+    (b'{"model": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
 ])
 def test_body_that_is_not_a_json_object(raw, words):
     err = refused(raw, CompletionRequest)
