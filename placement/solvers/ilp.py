@@ -233,8 +233,44 @@ def _pulp_solver(time_limit: float):
 
     highs = pulp.HiGHS(msg=False, timeLimit=time_limit, threads=1)
     if highs.available():
+        _swallow_highs_banner()
         return highs
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(int(time_limit), 1), threads=1)
+
+
+_BANNER_SWALLOWED = False
+
+
+def _swallow_highs_banner() -> None:
+    """highspy prints its banner ("Running HiGHS ...") on file descriptor 1 when the first ``Highs`` of the
+    process is made, before PuLP can set ``output_flag`` (its ``msg=False``): make that first one here, with
+    fd 1 pointed at /dev/null, so ``epserve place --solver ilp`` prints only our own lines (the gap and bound
+    are ours, on stderr and in the table)."""
+    global _BANNER_SWALLOWED
+    if _BANNER_SWALLOWED:
+        return
+    _BANNER_SWALLOWED = True
+    import ctypes
+    import os
+    import sys
+
+    try:
+        import highspy
+    except ImportError:
+        return
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs().setOptionValue("output_flag", False)
+        libc.fflush(None)                    # C stdio may hold the banner in its buffer (stdout not a terminal)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _share(options: SolveOptions, fraction: float) -> SolveOptions:
