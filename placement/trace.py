@@ -139,18 +139,27 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str | Path, *, num_experts: int | None = None) -> "RoutingTrace":
-        """Load a trace in our format, or in the FLAME layout (detected by its ``scores`` array)."""
+        """Load a trace in our format, or in the FLAME layout (detected by its ``scores`` array). Every problem
+        is a TraceError that starts with the file's name and names the array at fault."""
+        path = Path(path)
         data = _read_npz(path)
         if "weights" not in data and "scores" in data:
             return import_flame(data, num_experts=num_experts, source=str(path))
-        for key in ("experts", "weights"):
-            if key not in data:
-                raise TraceError(f"{path}: missing array '{key}' (found: {', '.join(sorted(data)) or 'nothing'})")
-        meta = _parse_meta(data.get("meta"), path)
-        E = num_experts if num_experts is not None else meta.get("num_experts")
-        if E is None:
-            raise TraceError(f"{path}: meta has no num_experts; pass it explicitly")
-        return cls(data["experts"], data["weights"], E, *(data.get(n) for n in _OPTIONAL_T), meta=meta)
+        try:
+            _check_arrays(data, "weights")
+            meta = _parse_meta(data.get("meta"))
+            if num_experts is not None:
+                E, said = num_experts, f"--num-experts {num_experts}"
+            else:
+                E, said = meta.get("num_experts"), f"meta's num_experts {meta.get('num_experts')!r}"
+            if E is None:
+                raise TraceError(f"the number of experts per layer is unknown: meta has no num_experts "
+                                 f"(experts {data['experts'].shape}, ids 0..{int(data['experts'].max())}); "
+                                 f"pass --num-experts")
+            _check_ids(data["experts"], E, said)
+            return cls(data["experts"], data["weights"], E, *(data.get(n) for n in _OPTIONAL_T), meta=meta)
+        except TraceError as exc:
+            raise TraceError(f"{path}: {exc}") from None
 
 
 def import_flame(data: dict, *, num_experts: int | None = None, source: str = "") -> RoutingTrace:
@@ -158,41 +167,117 @@ def import_flame(data: dict, *, num_experts: int | None = None, source: str = ""
     optional ``seq_id`` / ``position``. Their ``token_id`` is a row index, not a vocabulary id, so the result
     carries no vocabulary ids. FLAME-MoE-290M has 64 routed experts; ``num_experts`` defaults to that when the
     ids fit, otherwise to max id + 1."""
-    for key in ("experts", "scores"):
-        if key not in data:
-            raise TraceError(f"{source}: FLAME trace is missing '{key}'")
-    experts = data["experts"]
-    if num_experts is None:
-        top = int(np.max(experts)) + 1 if np.size(experts) else 0
-        num_experts = 64 if top <= 64 else top
-    meta = {"model": "FLAME-MoE-290M-1.3B", "source": source or "flame", "layout": "flame"}
-    if "moe_layers" in data:
-        meta["moe_layers"] = [int(x) for x in np.asarray(data["moe_layers"]).tolist()]
-    seq = data.get("seq_id")
-    pos = data.get("position")
-    return RoutingTrace(experts, np.asarray(data["scores"], dtype=np.float32), num_experts, None,
-                        None if seq is None else np.asarray(seq).astype(np.int32),
-                        None if pos is None else np.asarray(pos).astype(np.int32), meta=meta)
+    try:
+        _check_arrays(data, "scores")
+        experts = data["experts"]
+        if num_experts is None:
+            top = int(np.max(experts)) + 1 if np.size(experts) else 0
+            num_experts = 64 if top <= 64 else top
+            said = f"{num_experts} (FLAME-MoE-290M's 64, or the largest id + 1)"
+        else:
+            said = f"--num-experts {num_experts}"
+        _check_ids(experts, num_experts, said)
+        meta = {"model": "FLAME-MoE-290M-1.3B", "source": source or "flame", "layout": "flame"}
+        if "moe_layers" in data:
+            meta["moe_layers"] = [int(x) for x in np.asarray(data["moe_layers"]).tolist()]
+        seq = data.get("seq_id")
+        pos = data.get("position")
+        return RoutingTrace(experts, np.asarray(data["scores"], dtype=np.float32), num_experts, None,
+                            None if seq is None else np.asarray(seq).astype(np.int32),
+                            None if pos is None else np.asarray(pos).astype(np.int32), meta=meta)
+    except TraceError as exc:
+        raise TraceError(f"{source}: {exc}" if source else str(exc)) from None
 
 
-def _read_npz(path: str | Path) -> dict:
-    path = Path(path)
+_LAYOUT = "[tokens, layers, top_k]"
+_FORMAT = ("a trace is an .npz archive (numpy.savez) holding experts, int16 [tokens, layers, top_k], and "
+           "weights, float32 of the same shape (FLAME layout: scores)")
+
+
+def _check_arrays(data: dict, weights_key: str) -> None:
+    """The two arrays every trace has: present, 3-d, integer ids, floating weights of the same shape."""
+    found = ", ".join(sorted(data)) or "nothing"
+    if "experts" not in data:
+        raise TraceError(f"missing array 'experts' (integer expert ids {_LAYOUT}; found: {found})")
+    if weights_key not in data:
+        raise TraceError(f"missing array '{weights_key}' (the router weight of each chosen expert, float32 "
+                         f"{_LAYOUT}; found: {found})")
+    experts, weights = data["experts"], data[weights_key]
+    if experts.ndim != 3:
+        hint = (f"; one layer's [tokens, top_k] choices are experts[:, None, :]" if experts.ndim == 2 else "")
+        raise TraceError(f"array 'experts' has shape {experts.shape}, but it must be 3-d {_LAYOUT}: the top_k "
+                         f"experts each token chose at each MoE layer{hint}")
+    if not np.issubdtype(experts.dtype, np.integer):
+        raise TraceError(f"array 'experts' has dtype {experts.dtype}, but it holds expert ids: it must be an "
+                         f"integer array (int16)")
+    if weights.shape != experts.shape:
+        raise TraceError(f"array '{weights_key}' has shape {weights.shape}, but 'experts' has {experts.shape}: "
+                         f"one weight per chosen expert, the same {_LAYOUT}")
+    if not np.issubdtype(weights.dtype, np.floating):
+        raise TraceError(f"array '{weights_key}' has dtype {weights.dtype}, but router weights must be floating "
+                         f"point (float32)")
+
+
+def _check_ids(experts: np.ndarray, num_experts, said: str) -> None:
+    """Every id in [0, num_experts), or a message naming the first bad one and where num_experts came from."""
+    if not isinstance(num_experts, (int, np.integer)) or isinstance(num_experts, bool) or num_experts < 1:
+        raise TraceError(f"num_experts must be a positive integer, got {said}")
+    bad = (experts < 0) | (experts >= num_experts)
+    if bad.any():
+        t, l, k = np.argwhere(bad)[0]
+        value = int(experts[t, l, k])
+        why = "negative" if value < 0 else f"not below num_experts ({said})"
+        raise TraceError(f"array 'experts' holds expert id {value} at token {t}, layer {l}, slot {k}: ids must be "
+                         f"in [0, {num_experts}), and this one is {why}")
+
+
+def _read_npz(path: Path) -> dict:
     if not path.is_file():
-        raise TraceError(f"trace file not found: {path}")
+        raise TraceError(f"trace file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"\x93NUMPY"):
+        raise TraceError(f"{path}: a single .npy array, not an .npz trace; {_FORMAT}")
+    if not head.startswith(b"PK"):
+        raise TraceError(f"{path}: not an .npz trace ({_describe(head)}); {_FORMAT}")
+    data = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+            for key in npz.files:
+                try:
+                    data[key] = npz[key]
+                except ValueError as exc:
+                    if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                        raise TraceError(f"{path}: array '{key}' holds Python objects (pickled), which a trace "
+                                         f"never does; {_FORMAT}") from None
+                    raise
+    except TraceError:
+        raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise TraceError(f"{path}: not a readable .npz trace ({exc})") from None
+        raise TraceError(f"{path}: a zip archive, but not a readable .npz trace ({exc}); {_FORMAT}") from None
+    return data
 
 
-def _parse_meta(raw, path) -> dict:
+def _describe(head: bytes) -> str:
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"a binary file starting {head[:8]!r}"
+    if all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.splitlines()[0][:40] if text.strip() else ""
+        return (f"a text file starting {first!r}; FLAME's CSV files convert with bench/get_flame_trace.py")
+    return f"a binary file starting {head[:8]!r}"
+
+
+def _parse_meta(raw) -> dict:
     if raw is None:
         return {}
     try:
         meta = json.loads(str(raw))
     except json.JSONDecodeError as exc:
-        raise TraceError(f"{path}: meta is not valid JSON ({exc})") from None
+        raise TraceError(f"array 'meta' is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
-        raise TraceError(f"{path}: meta must be a JSON object")
+        raise TraceError("array 'meta' must be a JSON object")
     return meta

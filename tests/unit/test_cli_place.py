@@ -89,29 +89,67 @@ def _trace_file(path, **arrays):
     return path
 
 
-BAD_TRACES = {
-    "not_npz": (None, "not a readable .npz trace"),
-    "shape": ({"experts": np.zeros((4, 2), np.int16)}, "experts must be a 3-d array"),
+_META8 = np.array(json.dumps({"num_experts": 8}))
+BAD_TRACES = {   # case: (arrays over the good file's, None: the file's bytes instead; what the one-line error says)
+    "not_npz": (b"garbage", "not an .npz trace (a text file starting 'garbage'"),
+    "csv": (b"token,layer,expert\n0,0,3\n", "not an .npz trace (a text file starting 'token,layer,expert'; "
+                                          "FLAME's CSV files convert with bench/get_flame_trace.py)"),
+    "npy": (b"\x93NUMPY\x01\x00", "a single .npy array, not an .npz trace"),
+    "shape": ({"experts": np.zeros((4, 2), np.int16)},
+              "array 'experts' has shape (4, 2), but it must be 3-d [tokens, layers, top_k]"),
+    "shape_no_meta": ({"experts": np.zeros((4, 2), np.int16), "weights": np.zeros((4, 2), np.float32), "meta": None},
+                      "array 'experts' has shape (4, 2), but it must be 3-d [tokens, layers, top_k]"),
+    "shape_flame": ({"experts": np.zeros((4, 2), np.int16), "weights": None, "meta": None,
+                     "scores": np.zeros((4, 2), np.float32)},
+                    "array 'experts' has shape (4, 2), but it must be 3-d [tokens, layers, top_k]"),
+    "no_meta": ({"meta": None}, "meta has no num_experts (experts (4, 2, 2), ids 0..1); pass --num-experts"),
+    "dtype": ({"experts": np.zeros((4, 2, 2), np.float32) + np.array([0, 1], np.float32)},
+              "array 'experts' has dtype float32, but it holds expert ids: it must be an integer array"),
+    "weights_dtype": ({"weights": np.ones((4, 2, 2), np.int32)},
+                      "array 'weights' has dtype int32, but router weights must be floating point"),
+    "weights_shape": ({"weights": np.ones((4, 2, 3), np.float32)},
+                      "array 'weights' has shape (4, 2, 3), but 'experts' has (4, 2, 2)"),
+    "scores_shape": ({"weights": None, "scores": np.ones((4, 2), np.float32)},
+                     "array 'scores' has shape (4, 2), but 'experts' has (4, 2, 2)"),
+    "negative": ({"experts": np.zeros((4, 2, 2), np.int16) + np.array([-1, 1], np.int16)},
+                 "array 'experts' holds expert id -1 at token 0, layer 0, slot 0: ids must be in [0, 8), and this "
+                 "one is negative"),
     "range": ({"experts": np.full((4, 2, 2), 9, np.int16) + np.array([0, 1], np.int16)},
-              "expert id 9 out of range [0, 8)"),
+              "array 'experts' holds expert id 9 at token 0, layer 0, slot 0: ids must be in [0, 8), and this one "
+              "is not below num_experts (meta's num_experts 8)"),
     "nan": ({"weights": np.full((4, 2, 2), np.nan, np.float32)}, "weights hold NaN or inf"),
-    "missing": ({"weights": None}, "missing array 'weights'"),
+    "missing_weights": ({"weights": None}, "missing array 'weights' (the router weight of each chosen expert, "
+                                           "float32 [tokens, layers, top_k]; found: experts, meta)"),
+    "missing_experts": ({"experts": None}, "missing array 'experts' (integer expert ids [tokens, layers, top_k]; "
+                                           "found: meta, weights)"),
+    "pickled": ({"experts": np.array([{"a": 1}], dtype=object)}, "array 'experts' holds Python objects (pickled)"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TRACES))
 def test_place_refuses_bad_traces_and_writes_nothing(tmp_path, case, capsys):
+    """Each malformed trace: one line (exit 2) that names the file and the array, in the trace format's terms."""
     arrays, message = BAD_TRACES[case]
     trace = tmp_path / "t.npz"
-    if arrays is None:
-        trace.write_bytes(b"garbage")
+    if isinstance(arrays, bytes):
+        trace.write_bytes(arrays)
     else:
         _trace_file(trace, **arrays)
     before = sorted(os.listdir(tmp_path))
     rc, out, err = _run(["place", "--trace", trace, "--gpus-per-node", 2, "-o", tmp_path / "p.json"], capsys)
     assert rc == 2
-    assert message in err and "Traceback" not in err
+    assert f"error: {trace}: " in err and message in err and "Traceback" not in err, err
+    assert "pickle" not in err.replace("(pickled)", "")          # never numpy's allow_pickle advice
+    assert len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_num_experts_names_its_source_when_ids_exceed_it(tmp_path, capsys):
+    trace = _trace_file(tmp_path / "t.npz", experts=np.zeros((4, 2, 2), np.int16) + np.array([0, 5], np.int16))
+    rc, _, err = _run(["place", "--trace", trace, "--gpus-per-node", 2, "--num-experts", 4, "-o", tmp_path / "p.json"],
+                      capsys)
+    assert rc == 2 and f"{trace}: array 'experts' holds expert id 5 at token 0, layer 0, slot 1: ids must be in " \
+                       f"[0, 4), and this one is not below num_experts (--num-experts 4)" in err
 
 
 def test_place_refuses_other_bad_inputs(tmp_path, capsys):
@@ -298,3 +336,16 @@ def test_model_shape_from_hf_configs(tmp_path):
         (tmp_path / "bad" / "config.json").write_text(json.dumps({"hidden_size": 8, "num_hidden_layers": 2,
                                                                   "num_experts": 4}))
         model_shape_from_dir(tmp_path / "bad")
+
+
+def test_place_ilp_prints_no_highs_banner_and_keeps_its_gap(tmp_path, synthetic_path):
+    """highspy prints "Running HiGHS ..." on fd 1 at the process's first Highs, before PuLP's msg=False applies:
+    a real process, stdout and stderr captured at the file-descriptor level."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "launch.cli", "place", "--trace", str(synthetic_path),
+                          "--gpus-per-node", "4", "--solver", "ilp", "--time-limit", "20", "--held-out", "0.25",
+                          "-o", str(tmp_path / "p.json")], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert "HiGHS" not in run.stdout + run.stderr and "THIRD_PARTY" not in run.stdout + run.stderr
+    assert run.stdout.startswith("wrote ") and "solver ilp (optimal)" in run.stdout and ", gap 0.00%" in run.stdout
+    assert "ilp: objective" in run.stderr and "upper bound" in run.stderr
