@@ -6,7 +6,9 @@
            --> and engine.placement_status() --> placement version, when it changed, swaps, swap in progress,
                the last swap's longest step
 
-Names start with ``epserve_``; per-layer series carry a ``moe_layer`` label.
+Names start with ``epserve_`` and follow Prometheus' conventions: base units (``_seconds``, ``_bytes``), ``_ratio``
+for ratios, counters exposed with ``_total`` (prometheus-client appends it to the names below). Per-layer series
+carry a ``moe_layer`` label, per-GPU ones a ``gpu`` label too.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class EngineCollector:
             snap = self._engine.snapshot()
         except Exception:   # a dead engine must not break /metrics; epserve_engine_healthy says it
             return
-        for name, doc, value in (("epserve_queue_waiting", "requests waiting to be admitted", snap.waiting),
-                                 ("epserve_running_batch", "sequences in the running batch", snap.running),
+        for name, doc, value in (("epserve_queue_waiting_requests", "requests waiting to be admitted", snap.waiting),
+                                 ("epserve_running_batch_sequences", "sequences in the running batch", snap.running),
                                  ("epserve_kv_used_tokens", "KV cache tokens in use (busiest rank)",
                                   snap.kv_used_tokens),
                                  ("epserve_kv_capacity_tokens", "KV cache capacity per rank (tokens)",
@@ -82,8 +84,8 @@ def _layer_families(snap):
         "epserve_a2a_calls": ("all-to-all calls per MoE layer (per rank)", lambda t: t.a2a_calls),
         "epserve_a2a_bytes": ("bytes sent by all ranks in all-to-alls per MoE layer", lambda t: t.a2a_bytes),
         "epserve_transfers": ("hidden-state vectors sent between ranks per MoE layer", lambda t: t.transfers),
-        "epserve_kv_coherence_bytes": ("K/V copies sent by all ranks for the attention layers up to each MoE "
-                                       "layer (coherent strategies)", lambda t: t.kv_bytes),
+        "epserve_kv_coherence_bytes": ("bytes of K/V copies sent by all ranks for the attention layers up to "
+                                       "each MoE layer (coherent strategies)", lambda t: t.kv_bytes),
         "epserve_cross_node_bytes": ("all-to-all and K/V bytes that crossed between nodes per MoE layer",
                                      lambda t: t.cross_node_bytes),
         "epserve_activations": ("router (token, expert) choices per MoE layer", lambda t: t.activations),
@@ -91,8 +93,10 @@ def _layer_families(snap):
                                       lambda t: t.local_activations),
     }
     gauges = {
-        "epserve_local_activation_rate": ("LAR: local activations / activations per MoE layer", lambda t: t.lar),
-        "epserve_expert_load_imbalance": ("max / mean expert load per MoE layer", lambda t: t.imbalance),
+        "epserve_local_activation_ratio": ("LAR: local activations / activations per MoE layer (0..1)",
+                                           lambda t: t.lar),
+        "epserve_expert_load_imbalance_ratio": ("max / mean expert load per MoE layer (1 = balanced)",
+                                                lambda t: t.imbalance),
     }
     for name, (doc, get) in counters.items():
         fam = CounterMetricFamily(name, doc, labels=["moe_layer"])

@@ -259,15 +259,15 @@ def test_metrics_has_request_token_latency_and_per_layer_series(live):
     assert samples["epserve_time_to_first_token_seconds_count"] >= 4
     assert samples["epserve_time_per_output_token_seconds_count"] >= 4
     assert samples["epserve_engine_healthy"] == 1.0 and samples["epserve_world_size"] == 1.0
-    for name in ("epserve_queue_waiting", "epserve_running_batch", "epserve_kv_used_tokens"):
+    for name in ("epserve_queue_waiting_requests", "epserve_running_batch_sequences", "epserve_kv_used_tokens"):
         assert name in samples
     for layer in range(6):   # world size 1: every activation is local, nothing crosses a rank
-        assert samples[f'epserve_local_activation_rate{{moe_layer="{layer}"}}'] == 1.0
+        assert samples[f'epserve_local_activation_ratio{{moe_layer="{layer}"}}'] == 1.0
         assert samples[f'epserve_a2a_bytes_total{{moe_layer="{layer}"}}'] == 0.0
         assert samples[f'epserve_transfers_total{{moe_layer="{layer}"}}'] == 0.0
         assert samples[f'epserve_kv_coherence_bytes_total{{moe_layer="{layer}"}}'] == 0.0
         assert samples[f'epserve_activations_total{{moe_layer="{layer}"}}'] > 0
-        assert samples[f'epserve_expert_load_imbalance{{moe_layer="{layer}"}}'] >= 1.0
+        assert samples[f'epserve_expert_load_imbalance_ratio{{moe_layer="{layer}"}}'] >= 1.0
         assert f'epserve_a2a_calls_total{{moe_layer="{layer}"}}' in samples
 
 
