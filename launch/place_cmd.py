@@ -146,14 +146,15 @@ def run_place(args) -> int:
 
     baselines = {kind.value: solve(stats, cluster, SolveOptions(solver=kind))
                  for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)}
-    bound = placement.objective["upper_bound"]   # one instance: the best bound holds for every row
-    objectives = {**{k: (placement.objective["value"], bound) for k in _ours(placement)},
-                  **{k: (p.objective["value"], bound) for k, p in baselines.items()}}
+    placements = {**_ours(placement), **baselines}
+    # The table's objective is on the tokens the table is on (the held-out part), computed exactly as `simulate`
+    # computes it; the solver's objective, proven bound and gap on the fit part are on the "wrote" line.
+    objectives = _objectives_on(evaluate, placements, placement)
     strategies = [Strategy.TWO_A2A, Strategy.COHERENT] + ([Strategy.SPECULATIVE] if predictor else [])
-    rows = comparison_rows(evaluate, {**_ours(placement), **baselines}, strategies, objectives=objectives,
-                           predictor=predictor)
+    rows = comparison_rows(evaluate, placements, strategies, objectives=objectives, predictor=predictor)
     summary = {"output": str(out), "solver": placement.solver, "objective": placement.objective,
-               "trace": placement.trace, "evaluated_on": _evaluated_on(args.held_out, evaluate), "rows": rows}
+               "trace": placement.trace, "evaluated_on": _evaluated_on(args.held_out, evaluate),
+               "objective_note": _OBJECTIVE_NOTE, "rows": rows}
     if predictor is not None:
         summary["predictor_accuracy"] = predictor.accuracy(evaluate, placement) if evaluate is not fit else None
     _print(args, summary, rows, placement.trace)
@@ -210,22 +211,32 @@ def run_simulate(args) -> int:
     stats = compute_stats(evaluate, StatsOptions(**placement.objective.get("surrogate", {})))
     placements = {**_ours(placement), **{kind.value: solve(stats, cluster, SolveOptions(solver=kind))
                                         for kind in (SolverKind.CONTIGUOUS, SolverKind.ROUND_ROBIN)}}
-    bound = objective_upper_bound(stats, cluster)
-    objectives = {name: (objective(stats, p.expert_to_gpu_LE, cluster), bound) for name, p in placements.items()}
+    objectives = _objectives_on(evaluate, placements, placement)
     if Strategy.TWO_A2A not in strategies:
         strategies = [Strategy.TWO_A2A] + strategies      # the baseline row every reduction refers to
     rows = comparison_rows(evaluate, placements, strategies, objectives=objectives, predictor=predictor,
                            options=options)
     summary = {"placement": str(args.placement), "evaluated_on": _evaluated_on(args.held_out, evaluate),
-               "objective_note": "the placement's surrogate on the evaluated tokens; upper bound: the cheap "
-                                 "bound there (sum of top-M pair weights), not a proven optimum",
-               "rows": rows}
+               "objective_note": _OBJECTIVE_NOTE, "rows": rows}
     if args.hardware is not None:
         summary["cost"] = _cost(args, evaluate, placement, placements["contiguous"], predictor)
     elif args.model is not None:
         raise InputError("--model gives the shape for the cost model: pass --hardware too")
     _print(args, summary, rows, {"path": str(args.trace), "tokens": evaluate.num_tokens})
     return 0
+
+
+_OBJECTIVE_NOTE = ("objective, upper bound, gap: the placement's surrogate on the same tokens as the traffic "
+                   "(the fit's surrogate options); upper bound: the cheap bound there (sum of top-M pair weights), "
+                   "not a proven optimum")
+
+
+def _objectives_on(trace: RoutingTrace, placements: dict[str, Placement], ours: Placement) -> dict:
+    """{name: (objective, cheap upper bound)} on ``trace``, with ``ours``' surrogate options: what `place` and
+    `simulate` both put in their tables, so the same placement on the same tokens gives the same figure."""
+    stats = compute_stats(trace, StatsOptions(**ours.objective.get("surrogate", {})))
+    bound = objective_upper_bound(stats, ours.cluster)
+    return {name: (objective(stats, p.expert_to_gpu_LE, ours.cluster), bound) for name, p in placements.items()}
 
 
 def _cost(args, trace: RoutingTrace, placement: Placement, contiguous: Placement, predictor) -> dict:
@@ -380,13 +391,13 @@ def _print(args, summary: dict, rows: list[dict], trace_info: dict) -> None:
     if "solver" in summary:
         s, o = summary["solver"], summary["objective"]
         print(f"wrote {summary['output']}: solver {s['name']} ({s['status']}), {s['time_s']:.1f} s wall, "
-              f"{s['cpu_s']:.1f} s CPU; objective {o['value']:.1f}, upper bound {o['upper_bound']:.1f}, "
-              f"gap {o['gap']:.2%}" + (f"; predictor {s['predictor']}" if "predictor" in s else "") +
+              f"{s['cpu_s']:.1f} s CPU; on the {trace_info['tokens']} fit tokens: objective {o['value']:.1f}, "
+              f"upper bound {o['upper_bound']:.1f}, gap {o['gap']:.2%}" + (f"; predictor {s['predictor']}" if "predictor" in s else "") +
               (f"; anchor table {s['anchors']}" if "anchors" in s else ""))
     print(f"traffic on {summary['evaluated_on']} of {trace_info['path']}:")
     print(format_table(rows))
     if "objective_note" in summary:
-        print(f"objective: {summary['objective_note']}")
+        print(summary["objective_note"])
     cost = summary.get("cost")
     if cost:
         hw = cost["hardware"]

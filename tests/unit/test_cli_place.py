@@ -349,3 +349,33 @@ def test_place_ilp_prints_no_highs_banner_and_keeps_its_gap(tmp_path, synthetic_
     assert "HiGHS" not in run.stdout + run.stderr and "THIRD_PARTY" not in run.stdout + run.stderr
     assert run.stdout.startswith("wrote ") and "solver ilp (optimal)" in run.stdout and ", gap 0.00%" in run.stdout
     assert "ilp: objective" in run.stderr and "upper bound" in run.stderr
+
+
+def test_place_and_simulate_agree_on_the_held_out_objective(tmp_path, synthetic_path, capsys):
+    """Same trace, same placement, same --held-out: the table's objective / bound / gap are the same figures in
+    `place` and `simulate`, computed on the held-out part; the fit part's objective is on the `wrote` line."""
+    out_json = tmp_path / "p.json"
+    common = ["--trace", synthetic_path, "--held-out", 0.25, "--json"]
+    rc, out, _ = _run(["place", *common, "--gpus-per-node", 4, "-o", out_json, *FAST], capsys)
+    assert rc == 0
+    placed = json.loads(out)
+    rc, out, _ = _run(["simulate", *common, "--placement", out_json, "--strategy", "coherent"], capsys)
+    assert rc == 0
+    simulated = json.loads(out)
+    key = lambda r: (r["placement"], r["strategy"])  # noqa: E731
+    sim_rows = {key(r): r for r in simulated["rows"]}
+    assert {("ours", "two_a2a"), ("contiguous", "coherent")} <= sim_rows.keys()
+    for row in placed["rows"]:
+        if key(row) in sim_rows:
+            assert [row[k] for k in ("objective", "upper_bound", "gap")] == \
+                   [sim_rows[key(row)][k] for k in ("objective", "upper_bound", "gap")], key(row)
+    fit_value = placed["objective"]["value"]
+    ours = next(r for r in placed["rows"] if key(r) == ("ours", "two_a2a"))
+    assert ours["objective"] < 0.5 * fit_value      # 300 held-out tokens against 900 fitted: not the fit figure
+    assert placed["objective_note"] == simulated["objective_note"]
+    rc, out, _ = _run(["place", "--trace", synthetic_path, "--held-out", 0.25, "--gpus-per-node", 4,
+                       "-o", out_json, *FAST], capsys)
+    first, second = out.splitlines()[:2]
+    assert "on the 900 fit tokens: objective" in first and "held out (300 tokens)" in second
+    assert "the placement's surrogate on the same tokens as the traffic" in out
+    assert f"{ours['objective']:.1f}" in out and f"{fit_value:.1f}" in first
