@@ -481,7 +481,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     for path, get in (("/v1/models", server.models), ("/health", server.health),
                       ("/metrics", server.metrics_endpoint), ("/placement", server.placement)):
         route(path, _head(get), methods=["HEAD"], include_in_schema=False)
-    S.secure_openapi(app)
+    S.complete_openapi(app)
 
     @app.exception_handler(errors.APIError)
     async def _api_error(request: Request, exc: errors.APIError) -> Response:

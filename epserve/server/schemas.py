@@ -15,6 +15,7 @@ import importlib.metadata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 
 
 class _Out(BaseModel):
@@ -267,10 +268,22 @@ def generation_responses(model: type[BaseModel], chunk: type[BaseModel]) -> dict
     return {200: {"model": model, "description": f"The {model.__name__}; with \"stream\": true, Server-Sent "
                                                  f"Events, each 'data: ' line a {chunk.__name__} and the last "
                                                  "'data: [DONE]'",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                  "content": {"text/event-stream": {"schema": sse_event(chunk)}}},
             **error_responses(400, 401, 404, 413, 500, 503)}
 
 
+def sse_event(chunk: type[BaseModel]) -> dict:
+    """One Server-Sent Event of a stream (OpenAPI 3.1: the ``schema`` of text/event-stream is one event): its
+    ``data`` a ``chunk`` in JSON, an error body in JSON (the engine failed mid-stream), or the last, [DONE]."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string", "if": {"const": "[DONE]"}, "then": True,
+                                    "else": {"contentMediaType": "application/json", "contentSchema": payload}},
+                           "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
+STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)   # in components: the stream events refer to them
 BEARER = {"components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
 SECURED = {"security": [{"bearer": []}]}
 
@@ -289,14 +302,20 @@ def version() -> str:
         return "0"
 
 
-def secure_openapi(app) -> None:
-    """The document FastAPI builds, plus the bearer security scheme the secured operations name."""
+def complete_openapi(app) -> None:
+    """The document FastAPI builds, plus the bearer security scheme the secured operations name and the stream
+    chunk models the text/event-stream schemas refer to."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {}).update(BEARER["components"])
+            components = schema.setdefault("components", {})
+            components.update(BEARER["components"])
+            _, top = models_json_schema([(m, "serialization") for m in STREAM_CHUNKS],
+                                        ref_template="#/components/schemas/{model}")
+            for name, definition in top.get("$defs", {}).items():
+                components.setdefault("schemas", {}).setdefault(name, definition)
             app.openapi_schema = schema
         return app.openapi_schema
 
