@@ -14,7 +14,7 @@ decode step, in one run.
             and one gather of every sequence at once (no chunks), for comparison
     warm-up, then --repeats timed runs of each (interleaved): median ms (and the fastest run, the figure least
     disturbed by other processes on a shared machine)
-    --> bench/results/attention_bench.json + attention_bench.md
+    --> bench/results/local/attention_bench.json + attention_bench.md (--out bench/results: the tracked figures)
 
 torch.set_num_threads(--threads, default 1): one core per rank, as the CPU test machine runs its gloo ranks.
 Run:  nice -n 10 python bench/attention_bench.py [--quick] [--repeats 7] [--contexts 256 1024 4096] [--out DIR]
@@ -33,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.bench_io import LOCAL_OUT, OUT_HELP  # noqa: E402  (--out default: untracked)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="2 repeats, 1 warm-up (a smoke run, not the figures)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=LOCAL_OUT,
+                   help=OUT_HELP)
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 2, 1

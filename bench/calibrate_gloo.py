@@ -11,7 +11,8 @@
 Every rank of this machine talks over loopback TCP, so the intra-node and inter-node classes get the same figures.
 On a machine with fewer cores than ranks the fixed cost grows with the world size (ranks wait to be scheduled),
 which one alpha per world size captures and a per-peer term does not: calibrate at the world size you model.
-Run:  nice -n 10 python bench/calibrate_gloo.py [--out bench/results/cpu_gloo_profile.json]
+Run:  nice -n 10 python bench/calibrate_gloo.py [--out bench/results/cpu_gloo_profile.json]   (default: under
+      bench/results/local/, untracked; that --out rewrites the tracked profile)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.bench_io import LOCAL_OUT  # noqa: E402  (--out default: untracked)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -117,7 +120,10 @@ def write(out: Path, rows: list[dict], fits: list[dict], prof: HardwareProfile) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_gloo_profile.json")
+    parser.add_argument("--out", type=Path, default=LOCAL_OUT / "cpu_gloo_profile.json",
+                        help="profile JSON to write, the .md beside it (default "
+                             "bench/results/local/cpu_gloo_profile.json, untracked; "
+                             "--out bench/results/cpu_gloo_profile.json rewrites the tracked one)")
     parser.add_argument("--reps", type=int, default=10, help="calls per timed round")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per size (median taken)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])

@@ -8,7 +8,7 @@
               baseline, coherent): one prefill step of 64 prompts (not timed), then --steps decode steps of
               batch 64, each timed on every rank (slowest rank per step)
     --> ms per decode step: median over the steps after --warmup of every round, per tree x strategy;
-        new / ref ratio; whether both trees produced the same tokens --> bench/results/decode_step.{json,md}
+        new / ref ratio; whether both trees produced the same tokens --> bench/results/local/decode_step.{json,md}
 
 Run:  nice -n 10 python bench/decode_step.py [--ref f65a3f7] [--rounds 2] [--steps 24] [--quick]
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TREE = Path(os.environ.get("DECODE_STEP_TREE", ROOT))     # the implementation measured (worker side)
 sys.path.insert(0, str(TREE))
+LOCAL_OUT = ROOT / "bench" / "results" / "local"  # --out default (untracked; bench/bench_io.py; not imported:
+#                                                  the worker runs under DECODE_STEP_TREE, which may predate it)
 
 RANKS, BATCH = 4, 64
 STRATEGIES = ("two_a2a", "coherent")
@@ -131,7 +133,9 @@ def main(argv=None) -> int:
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--quick", action="store_true", help="1 round, 8 steps, 2 warm-up, batch 16")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per tree and round")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(LOCAL_OUT),
+                   help="results folder (default bench/results/local/, untracked; --out bench/results "
+                        "rewrites the tracked figures)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -10,7 +10,7 @@
         real routing (a second runner with a RoutingRecorder replays the same greedy run) and each sequence's
         own context; peaks: H200 4.8 TB/s HBM3e, 989 TFLOP/s dense BF16 (NVIDIA H200 datasheet)
     each part runs on its own: a failure is reported as SKIPPED with the reason, the others still run
-    --> bench/results/gpu_check.json + gpu_check.md (the device, torch and CUDA versions stated)
+    --> bench/results/local/gpu_check.json + gpu_check.md (the device, torch and CUDA versions stated)
 
 Run on the GPU machine:  python bench/gpu_check.py            (--device cuda, bfloat16)
 Test it here:            python bench/gpu_check.py --device cpu --quick --out /tmp/gpu_check
@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.bench_io import LOCAL_OUT, OUT_HELP  # noqa: E402  (--out default: untracked)
 
 import torch  # noqa: E402
 
@@ -278,7 +280,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-bw", type=float, default=moe_cap.H200_PEAK_BYTES_PER_S, help="bytes/s (H200: 4.8e12)")
     p.add_argument("--peak-flops", type=float, default=moe_cap.H200_PEAK_BF16_FLOPS,
                    help="FLOP/s (H200 dense BF16: 989e12)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(LOCAL_OUT),
+                   help=OUT_HELP)
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     skipped_device = None

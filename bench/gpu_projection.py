@@ -8,7 +8,7 @@
         placements: contiguous (baseline) and `local` (solved) --> simulate two_a2a / coherent x a2a / fixed /
         node_aware (more than one node) --> cost model on the h800-ib400 profile, 128 tokens per GPU per step
         (DeepEP's low-latency setting)
-    --> bench/results/gpu_projection.json + gpu_projection.md (every figure MODELLED; the profile's sources)
+    --> bench/results/local/gpu_projection.json + gpu_projection.md (every figure MODELLED; the profile's sources)
 
 The real trace cannot be replayed directly on these models: FLAME has 64 experts and top-6, the models 8/128/256
 experts and top-2/8/8. Mixtral's 8 experts cannot fill 16 or 32 GPUs without replicated experts (the placement
@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_io import FLAME_ENCODER, LOCAL_OUT, OUT_HELP, require_flame_trace  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 from placement.cluster import ClusterShape  # noqa: E402
@@ -41,7 +43,6 @@ from placement.synthetic import SyntheticSpec, synthetic_trace  # noqa: E402
 from placement.trace import RoutingTrace  # noqa: E402
 from placement.transport import Transport  # noqa: E402
 
-DEFAULT_TRACE = ROOT.parent / "shared" / "traces" / "flame-moe-290m" / "flame290m_encoder_2048tok_top6.npz"
 TOKENS_PER_GPU = 128
 CLUSTERS = ((1, 8), (2, 8), (4, 8))
 NUM_CLUSTERS = 8
@@ -186,16 +187,15 @@ def write(out: Path, result: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="the FLAME-MoE-290M encoder trace")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--trace", type=Path, help="the FLAME-MoE-290M encoder trace (" + FLAME_ENCODER + "; "
+                        "default: $EPSERVE_SHARED_TRACES, else ../shared/traces/flame-moe-290m/ beside the checkout)")
+    parser.add_argument("--out", type=Path, default=LOCAL_OUT,
+                        help=OUT_HELP)
     parser.add_argument("--hardware", default="h800-ib400")
     parser.add_argument("--tokens", type=int, default=4000, help="tokens of each synthetic trace")
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds per placement solve")
     args = parser.parse_args(argv)
-    if not args.trace.is_file():
-        parser.exit(2, f"gpu_projection: trace not found: {args.trace}. It is flame290m_encoder_2048tok_top6.npz, "
-                       f"re-encoded from the Hugging Face dataset CMU-FLAME/FLAME-MoE-Traces (Apache-2.0; CSVs also "
-                       f"in github.com/Akash-N-Pai/DynaNDE-Simulator at f274466b); pass --trace PATH\n")
+    args.trace = require_flame_trace(args.trace, "gpu_projection")
     flame = RoutingTrace.load(args.trace)
     hardware = load_profile(args.hardware)
     target_mi = affinity(flame)

@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_io import LOCAL_OUT, OUT_HELP  # noqa: E402  (--out default: untracked)
+
 from launch.netns import LinkShape, NetnsUnavailable, TwoNodes, format_rate, rate_argument, read_link_bytes  # noqa: E402
 
 RANKS_PER_NODE = 2
@@ -215,7 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--row-bytes", type=int, nargs="+", default=[256, 2048, 8192],
                    help="row sizes of the one-row all-to-alls (default 256 2048 8192)")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per link setting at most")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=LOCAL_OUT,
+                   help=OUT_HELP)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

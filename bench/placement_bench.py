@@ -19,8 +19,11 @@
              max/mean GPU load and top-1 cross-GPU / cross-node rates held out for contiguous, local, and each with
              one redundant slot per GPU filled by add_replicas (placement/solvers/replicate.py)
 
-Writes bench/results/placement_bench.{json,md} (--part X redoes one part and keeps the others).
-Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|prefix|scale|replicas] [--quick]
+Writes bench/results/local/placement_bench.{json,md} (untracked; --out bench/results rewrites the tracked figures;
+--part X redoes one part and keeps the others: from --out's JSON, else from the tracked bench/results/ one).
+The FLAME trace (heldout, exact, prefix): --trace PATH, else $EPSERVE_SHARED_TRACES, else
+../shared/traces/flame-moe-290m/ beside the checkout (bench/bench_io.py; bench/get_flame_trace.py converts the CSVs).
+Run: nice -n 10 python bench/placement_bench.py [--part heldout|exact|prefix|scale|replicas] [--quick] [--trace PATH]
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ from placement.synthetic import SyntheticSpec, synthetic_trace  # noqa: E402
 from placement_bench_common import _traffic  # noqa: E402  (bench/, beside this file)
 from placement_bench_report import markdown  # noqa: E402
 from placement_bench_synthetic import replicas, scale  # noqa: E402
+from bench.bench_io import FLAME_ENCODER, LOCAL_OUT, OUT_HELP, require_flame_trace  # noqa: E402
 
-FLAME = ROOT.parent / "shared" / "traces" / "flame-moe-290m" / "flame290m_encoder_2048tok_top6.npz"
-OUT = ROOT / "bench" / "results"
+FLAME = Path(FLAME_ENCODER)          # set by main() to the trace found (--trace, $EPSERVE_SHARED_TRACES, ../shared)
+TRACKED = ROOT / "bench" / "results"
 
 
 def _mean_distinct_ranks(trace, placement) -> float:
@@ -347,10 +351,13 @@ def exact(quick: bool) -> dict:
 
 
 def main() -> int:
+    global FLAME
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["heldout", "exact", "prefix", "scale", "replicas", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="smaller budgets (a smoke run, not the figures)")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=LOCAL_OUT, help=OUT_HELP)
+    parser.add_argument("--trace", type=Path, help="the FLAME-MoE-290M encoder trace (" + FLAME_ENCODER + "; default: "
+                        "$EPSERVE_SHARED_TRACES, else ../shared/traces/flame-moe-290m/ beside the checkout)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
     args = parser.parse_args()
     stem = "placement_bench" + ("_quick" if args.quick else "")
@@ -358,10 +365,12 @@ def main() -> int:
         results = json.loads((args.out / f"{stem}.json").read_text())
         (args.out / f"{stem}.md").write_text(markdown(results) + "\n")
         return 0
-    if args.part in ("heldout", "exact", "prefix", "all") and not FLAME.is_file():
-        print(f"the FLAME trace is absent: {FLAME}", file=sys.stderr)
-        return 2
+    if args.part in ("heldout", "exact", "prefix", "all"):
+        FLAME = require_flame_trace(args.trace, "placement_bench")
     previous = args.out / f"{stem}.json"
+    if args.part != "all" and not previous.is_file() and (TRACKED / f"{stem}.json").is_file():
+        previous = TRACKED / f"{stem}.json"
+        print(f"placement_bench: the other parts' figures come from {previous}", file=sys.stderr)
     results = json.loads(previous.read_text()) if args.part != "all" and previous.is_file() else {}
     results["host"] = f"{os.cpu_count()} CPUs (shared), OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"
     for part, fn in (("heldout", heldout), ("exact", exact), ("prefix", prefix), ("scale", scale),

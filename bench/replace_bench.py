@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_io import LOCAL_OUT, OUT_HELP  # noqa: E402  (--out default: untracked)
+
 MODES = ("no_swap", "stop_the_world", "layer_per_step", "chunked")
 BIG = dict(hidden_size=512, intermediate_size=1536, num_local_experts=8, num_hidden_layers=4,
            num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=4096, num_experts_per_tok=2)
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-big", action="store_true", help="only the default model")
     p.add_argument("--quick", action="store_true", help="fewer steps, default model only (a smoke run)")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(LOCAL_OUT),
+                   help=OUT_HELP)
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.normal, args.no_big = 2, 4, True

@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_io import LOCAL_OUT, OUT_HELP  # noqa: E402  (--out default: untracked)
+
 from bench.serve_load import PROMPTS, closed_loop, one_request  # noqa: E402  (the same load as serve_load)
 from comm.spawn import free_port  # noqa: E402
 from launch.netns import (LinkShape, NetnsUnavailable, TwoNodes, format_rate, rate_argument,  # noqa: E402
@@ -335,7 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--deadline", type=float, default=240.0, help="seconds of load per config at most")
     p.add_argument("--ready-timeout", type=float, default=240.0)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=LOCAL_OUT,
+                   help=OUT_HELP)
     p.add_argument("--repredict", type=Path, metavar="JSON",
                    help="recompute the cost model's columns of a saved run's JSON, write it to --out, and stop")
     p.add_argument("--client", help=argparse.SUPPRESS)   # internal: the load, inside node 0's namespace

@@ -12,7 +12,7 @@
         loop costs without the engine thread, HTTP, JSON and detokenising
     --> output tokens/s (medians over the repeats), ratios against transformers, and how many of the prompts
         get the same greedy text from both sides (epserve's text against transformers' ids decoded by the
-        same tokenizer) --> bench/results/vs_transformers.json + .md
+        same tokenizer) --> bench/results/local/vs_transformers.json + .md
 
 Run:  nice -n 10 python bench/vs_transformers.py [--repeats 3] [--quick]
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.bench_io import LOCAL_OUT, OUT_HELP  # noqa: E402  (--out default: untracked)
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
@@ -317,7 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-server", help="profile the serve path in this process instead (writes "
                                              "PREFIX.engine.prof and PREFIX.server.prof) and stop")
     p.add_argument("--ready-timeout", type=float, default=120.0)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(LOCAL_OUT),
+                   help=OUT_HELP)
     p.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON in --out")
     args = p.parse_args(argv)
     if args.render_only:
