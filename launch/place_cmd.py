@@ -392,7 +392,8 @@ def _print(args, summary: dict, rows: list[dict], trace_info: dict) -> None:
         s, o = summary["solver"], summary["objective"]
         print(f"wrote {summary['output']}: solver {s['name']} ({s['status']}), {s['time_s']:.1f} s wall, "
               f"{s['cpu_s']:.1f} s CPU; on the {trace_info['tokens']} fit tokens: objective {o['value']:.1f}, "
-              f"upper bound {o['upper_bound']:.1f}, gap {o['gap']:.2%}" + (f"; predictor {s['predictor']}" if "predictor" in s else "") +
+              f"upper bound {o['upper_bound']:.1f}, gap {o['gap']:.2%}" +
+              (f"; predictor {s['predictor']}" if "predictor" in s else "") +
               (f"; anchor table {s['anchors']}" if "anchors" in s else ""))
     print(f"traffic on {summary['evaluated_on']} of {trace_info['path']}:")
     print(format_table(rows))
