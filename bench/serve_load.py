@@ -12,12 +12,17 @@ one server per config, all in one run.
     repeated for --rounds rounds (configs in the same order each round); speeds: medians over the rounds
     --> bench/results/serve_load.json + serve_load.md (ratios against the baseline of the same run)
 
-Run:  nice -n 10 python bench/serve_load.py [--clients 8] [--requests 32] [--max-tokens 32] [--rounds 3]
+Run:  nice -n 10 python bench/serve_load.py [--clients 8] [--requests 32] [--max-tokens 32] [--rounds 3] [-v]
+Prints the markdown table and a one-line summary. bench/serve_bench.py reuses its configs, prompts and placement
+solve for the open-loop rate sweep in vllm bench serve's terms (TTFT / TPOT / ITL / E2EL percentiles, goodput,
+S-MBU / S-MFU); this script stays the place for the server's traffic counters (LAR, transfers, bytes) per config.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import tempfile
@@ -71,7 +76,7 @@ def one_request(client: httpx.Client, prompt: str, max_tokens: int) -> dict:
     body = {"model": "default_model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    chunks, tokens, text = [], None, ""
+    chunks, tokens, prompt_tokens, text = [], None, None, ""
     with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"ok": False, "error": f"HTTP {r.status_code}"}
@@ -81,6 +86,7 @@ def one_request(client: httpx.Client, prompt: str, max_tokens: int) -> dict:
             event = json.loads(line[6:])
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
+                prompt_tokens = event["usage"].get("prompt_tokens")
             if event["choices"] and event["choices"][0]["text"]:
                 chunks.append(time.perf_counter())
                 text += event["choices"][0]["text"]
@@ -88,6 +94,7 @@ def one_request(client: httpx.Client, prompt: str, max_tokens: int) -> dict:
     if not chunks or tokens is None:
         return {"ok": False, "error": "no tokens"}
     return {"ok": True, "start": start, "end": end, "ttft": chunks[0] - start, "tokens": tokens, "text": text,
+            "prompt_tokens": prompt_tokens, "chunks": chunks,
             "tpot": (end - chunks[0]) / (tokens - 1) if tokens > 1 else None}
 
 
@@ -234,13 +241,17 @@ def render_only(out: Path) -> None:
     write_report(out, json.loads((out / "serve_load.json").read_text()))
 
 
-def solve_placement(work: Path) -> tuple[Path, dict]:
+def solve_placement(work: Path, time_limit_s: float = 30) -> tuple[Path, dict]:
+    """``epserve place --solver local`` on the default model's trace; its output (a JSON summary on stdout,
+    progress on stderr) is kept and shown only if it fails."""
     from launch.cli import main as epserve
     out = work / "solved4.json"
-    code = epserve(["place", "--trace", str(TRACE), "--gpus-per-node", str(RANKS), "--solver", "local",
-                    "--held-out", "0.25", "--time-limit", "30", "-o", str(out), "--json"])
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        code = epserve(["place", "--trace", str(TRACE), "--gpus-per-node", str(RANKS), "--solver", "local",
+                        "--held-out", "0.25", "--time-limit", f"{time_limit_s:g}", "-o", str(out), "--json"])
     if code != 0:
-        raise RuntimeError(f"epserve place failed with {code}")
+        raise RuntimeError(f"epserve place failed with {code}:\n{said.getvalue()[-4000:]}")
     doc = json.loads(out.read_text())
     return out, doc
 
@@ -255,13 +266,14 @@ def main(argv=None) -> int:
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON in --out")
+    p.add_argument("-v", "--verbose", action="store_true", help="a progress line per config and round")
     p.add_argument("--configs", help="comma-separated config names to run (default: all; the first is the "
                                      "baseline): " + ", ".join(c.name for c in CONFIGS))
     args = p.parse_args(argv)
     configs = CONFIGS if not args.configs else tuple(c for c in CONFIGS if c.name in args.configs.split(","))
     if args.render_only:
         render_only(Path(args.out))
-        print((Path(args.out) / "serve_load.md").read_text())
+        print_summary(Path(args.out), json.loads((Path(args.out) / "serve_load.json").read_text()))
         return 0
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         work = Path(tmp)
@@ -272,15 +284,16 @@ def main(argv=None) -> int:
             for cfg in configs:
                 row = run_config(cfg, placement, work, args)
                 rounds[-1].append(row)
-                print(f"[serve_load] round {n + 1}/{args.rounds} {cfg.name}: {row['output_tokens_per_s']:.1f} "
-                      f"tok/s, {row['failed']} failed", file=sys.stderr, flush=True)
+                if args.verbose:
+                    print(f"[serve_load] round {n + 1}/{args.rounds} {cfg.name}: {row['output_tokens_per_s']:.1f} "
+                          f"tok/s, {row['failed']} failed", file=sys.stderr, flush=True)
         rows = combine_rounds(rounds)
     summary = (f"{RANKS} EP ranks (`epserve serve --nproc-per-node {RANKS}`, gloo, OMP_NUM_THREADS=1) on one "
                f"2-core CPU machine shared with other work; the bundled default model (tiny Mixtral: 6 MoE layers, "
                f"16 experts, top-2, hidden 128, float32). Closed loop: {args.clients} client threads, "
                f"{args.requests} streaming greedy requests ({len(PROMPTS)} fixed code prompts in turn, max_tokens "
                f"{args.max_tokens}, ignore_eos), one warm-up request first; a fresh server per config and round; "
-               f"{args.rounds} rounds, each running every config once in the order below; speeds are medians over "
+               f"{args.rounds} round{'s' if args.rounds != 1 else ''}, each running every config once in the order below; speeds are medians over "
                f"the rounds. TTFT and TPOT on the client's clock; LAR, transfers and all-to-all bytes are the "
                f"server's own /placement counters over the first round's run (warm-up included). Speeds on this "
                f"machine are dominated by Python and loopback latency, not bandwidth; the counts are exact. "
@@ -295,8 +308,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, result)
-    print((out / "serve_load.md").read_text())
+    print_summary(out, result)
     return 0
+
+
+def print_summary(out: Path, result: dict) -> None:
+    """The table of serve_load.md and one line: what ran, what failed, where the files are."""
+    print("\n".join(l for l in (out / "serve_load.md").read_text().splitlines() if l.startswith("|")))
+    rows, s = result["rows"], result["setup"]
+    print(f"serve_load: {len(rows)} configs x {s['rounds']} round{'s' if s['rounds'] != 1 else ''}, "
+          f"{s['clients']} clients, {s['requests']} requests of {s['max_tokens']} tokens each; "
+          f"{sum(r['failed'] for r in rows)} failed; every config gave the baseline's text: "
+          f"{all(r['same_text_as_base'] for r in rows)}; wrote {out / 'serve_load.json'} and serve_load.md")
 
 
 if __name__ == "__main__":
