@@ -29,11 +29,12 @@ CAP_NOTE = ("S-MBU / S-MFU (MoE-CAP, arXiv 2412.07067; counted by epserve/engine
 
 
 def describe(args, peaks: dict, doc: dict, wall_s: float, *, ranks: int, prompts, accuracy_prompts,
-             knee_rule: str) -> dict:
+             knee_rule: str, model) -> dict:
     summary = (
         f"{ranks} EP ranks (`epserve serve --nproc-per-node {ranks} --max-running {args.max_running}`, gloo, "
         f"OMP_NUM_THREADS=1) on one {os.cpu_count()}-core CPU machine shared with other work; the bundled default "
-        f"model (tiny Mixtral: 6 MoE layers, 16 experts, top-2, hidden 128, float32). Per config, one server: "
+        f"model ({model.family.value}: {model.num_layers} layers, {model.num_moe_layers} MoE, "
+        f"{model.num_experts} experts, top-{model.top_k}, hidden {model.hidden_size}, float32). Per config, one server: "
         f"open-loop Poisson arrivals (seed {args.seed}, the same schedule for every config) at "
         f"{', '.join(f'{r:g}' for r in args.rates)} req/s, each for {args.send_s:g} s of arrivals (at most "
         f"{args.max_requests} requests, the rest waited for at most {args.drain_s:g} s), then a closed loop of "

@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         _say(f"placement solved ({time.time() - t_start:.0f} s)")
         rows = [run_config(cfg, placement, work, args, model_cfg, peaks, expected) for cfg in configs]
     cap_scores(rows)
-    result = {"setup": setup(args, peaks, doc, time.time() - t_start), "peaks": peaks, "configs": rows}
+    result = {"setup": setup(args, peaks, doc, time.time() - t_start, model_cfg), "peaks": peaks, "configs": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_bench.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     render(out)
@@ -224,10 +224,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def setup(args, peaks: dict, doc: dict, wall_s: float) -> dict:
+def setup(args, peaks: dict, doc: dict, wall_s: float, model_cfg: ModelConfig) -> dict:
     from _serve_bench_setup import describe
     return describe(args, peaks, doc, wall_s, ranks=RANKS, prompts=PROMPTS, accuracy_prompts=ACCURACY_PROMPTS,
-                    knee_rule=KNEE_RULE)
+                    knee_rule=KNEE_RULE, model=model_cfg)
 
 
 def print_summary(out: Path) -> None:
