@@ -77,7 +77,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-trace", help="write the routing of live traffic to this .npz at shutdown")
     p.add_argument("--record-tokens", type=int, default=65536, help="tokens to record (with --record-trace)")
     p.add_argument("--collective-timeout", type=float, default=60.0,
-                   help="seconds before a stuck collective fails the engine (finite)")
+                   help="seconds before a stuck collective fails the engine (finite); also bounds how long a "
+                        "dead peer or a cut link takes to be noticed (shorter: faster failover, but a long prefill "
+                        "step on a slow machine must stay under it)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds to finish the requests in flight (new ones get 503 with Retry-After, "
+                        "/health 503) before the rest are ended with an error; then exit 0")
     live = p.add_argument_group("live re-placement (POST /placement, needs --api-key)")
     live.add_argument("--replace-window", type=int, default=4096, metavar="TOKENS",
                       help="keep the routing of the latest TOKENS tokens on each rank (device memory, no host "
@@ -131,8 +136,9 @@ class Preflight:
     why: str = ""               # the cost model's reason, when a choice was left to it
 
 
-def preflight(args) -> Preflight:
-    """Every check that can fail on the user's input, before any process starts. Raises InputError."""
+def preflight(args, *, check_port: bool = True) -> Preflight:
+    """Every check that can fail on the user's input, before any process starts. Raises InputError.
+    ``check_port``: False in the torchrun worker (rank 0 binds the port itself)."""
     _check_numbers(args)
     model_dir = Path(args.model).resolve() if args.model else default_model_dir()
     from epserve.model.loader import check_checkpoint
@@ -169,7 +175,12 @@ def preflight(args) -> Preflight:
         engine_config(args, model_dir)
     except ValueError as exc:   # every option was checked above in its own words; this is a backstop
         raise InputError(f"engine options: {exc}") from None
-    if args.node_rank == 0:
+    max_len = args.max_model_len or config.max_position_embeddings
+    if args.kv_cache_tokens < max_len:
+        raise InputError(f"--kv-cache-tokens {args.kv_cache_tokens} holds fewer tokens than one full-length sequence "
+                         f"({max_len}: --max-model-len, default the model's context); raise --kv-cache-tokens or "
+                         f"lower --max-model-len")
+    if args.node_rank == 0 and check_port:
         _check_port_free(args.host, args.port)
     return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
                      predictor_path=predictor_path, world_size=world, strategy=strategy, transport=transport, why=why)
@@ -273,6 +284,8 @@ def _check_numbers(args) -> None:
     if not (math.isfinite(args.collective_timeout) and args.collective_timeout > 0):
         raise InputError(f"--collective-timeout must be a finite number of seconds > 0, got "
                          f"{args.collective_timeout}")
+    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        raise InputError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
 
 
 def _predictor(args, strategy: Strategy, placement: Placement, placement_path: Path | None) -> Path | None:
@@ -304,7 +317,8 @@ def worker_argv(args, pre: Preflight) -> list[str]:
     out = ["--model", str(pre.model_dir), "--strategy", pre.strategy.value, "--transport", pre.transport.value,
            "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
            "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
-           "--collective-timeout", str(args.collective_timeout), "--replace-window", str(args.replace_window),
+           "--collective-timeout", str(args.collective_timeout), "--drain-timeout", str(args.drain_timeout),
+           "--replace-window", str(args.replace_window),
            "--replace-every", str(args.replace_every), "--replace-time-limit", str(args.replace_time_limit),
            "--replace-step-mb", str(args.replace_step_mb),
            "--replace-min-gain", str(args.replace_min_gain)]
@@ -345,44 +359,95 @@ def run_serve(args) -> int:
     if pre.why:
         print(f"epserve serve: chose --strategy {pre.strategy.value} --transport {pre.transport.value}: {pre.why}",
               file=sys.stderr, flush=True)
-    child = subprocess.Popen(torchrun_argv(args, pre), env=worker_env(args), start_new_session=True)
-    stop = _forward_signals(child)
+    child = subprocess.Popen(torchrun_argv(args, pre), env=worker_env(args), start_new_session=True,
+                             stderr=subprocess.PIPE)
+    relay = threading.Thread(target=_relay_stderr, args=(child.stderr,), daemon=True, name="stderr-relay")
+    relay.start()
+    stop = _forward_signals(child, drain_s=args.drain_timeout)
     if args.node_rank == 0:
         threading.Thread(target=_announce, args=(child, args, pre), daemon=True).start()
     code = child.wait()
+    relay.join(timeout=5.0)
+    if code != 0 and not stop.is_set() and args.node_rank != 0:
+        _say_if_node0_is_gone(args.master_addr, args.master_port)
     if stop.is_set() and code == 0:
         print("epserve serve: stopped", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code
 
 
-def _forward_signals(child: subprocess.Popen) -> threading.Event:
-    """Stop in steps, each one bounded:
-    SIGINT  --> SIGINT to the workers (rank 0 stops the server and sends the shutdown plan; the group ends with
-                status 0); after STOP_GRACE_S, or at a second signal --> SIGTERM to torchrun
-    SIGTERM --> SIGTERM to torchrun (it stops its workers; SIGKILL after WORKER_SHUTDOWN_S)
-    a third signal, or STOP_GRACE_S more --> SIGKILL to torchrun (workers die with it: PDEATHSIG)."""
-    stop = threading.Event()
-    steps = [lambda: _signal_workers(child, signal.SIGINT), lambda: _send(child, signal.SIGTERM),
-             lambda: _send(child, signal.SIGKILL)]
-    taken = [0]
+def _say_if_node0_is_gone(host: str, port: int | None) -> None:
+    """Nodes > 0, after torchrun failed: one line when node 0's rendezvous store no longer answers (its torchrun
+    agent outlives its workers: no answer means node 0 or the link to it is down)."""
+    if port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=3.0).close()
+    except OSError as exc:
+        print(f"epserve serve: lost contact with node 0 ({host}:{port} does not answer: {exc.strerror or exc}); "
+              f"this node's ranks stopped", file=sys.stderr, flush=True)
 
-    def next_step() -> None:
-        if taken[0] < len(steps) and child.poll() is None:
-            taken[0] += 1
-            steps[taken[0] - 1]()
-            timer = threading.Timer(STOP_GRACE_S, next_step)
-            timer.daemon = True
-            timer.start()
+
+def _relay_stderr(stream) -> None:
+    """torchrun's and the workers' stderr to ours, less torchrun's own Python traceback of ChildFailedError (the
+    failure summary that follows it names the failed rank, and the workers' one-line messages say what was lost;
+    any other traceback passes unchanged)."""
+    out, held = sys.stderr.buffer, []
+    for line in iter(stream.readline, b""):
+        if not held and line.startswith(b"Traceback (most recent call last):"):
+            held = [line]
+            continue
+        if held:
+            held.append(line)
+            if line.startswith((b" ", b"\t")):   # still inside the traceback
+                continue
+            out.write(line if b"ChildFailedError" in line else b"".join(held))
+            held = []
+        else:
+            out.write(line)
+        out.flush()
+    out.write(b"".join(held))
+    out.flush()
+
+
+def _forward_signals(child: subprocess.Popen, *, drain_s: float) -> threading.Event:
+    """Stop in steps, each one bounded (torchrun runs in its own session: it never sees the terminal's signals,
+    so it never raises its SignalException; the workers are told, and rank 0 ends the group):
+    SIGTERM --> SIGTERM to the workers: rank 0 drains (503 to new requests, /health 503, the requests in flight
+                finish for up to --drain-timeout), then stops the group; exit status 0
+    SIGINT  --> SIGINT to the workers: rank 0 stops at once (requests in flight end with an error); status 0
+    a second signal --> SIGINT to the workers (stop now)
+    a third, or the first step's bound (drain + STOP_GRACE_S) --> SIGTERM to torchrun (it stops its workers;
+    SIGKILL after WORKER_SHUTDOWN_S) --> STOP_GRACE_S later --> SIGKILL to torchrun (workers die with it)."""
+    stop = threading.Event()
+    received, escalated = [0], [0]
+
+    def escalate() -> None:
+        if child.poll() is not None or escalated[0] >= 2:
+            return
+        escalated[0] += 1
+        _send(child, signal.SIGTERM if escalated[0] == 1 else signal.SIGKILL)
+        _after(STOP_GRACE_S, escalate)
 
     def handler(sig, _frame) -> None:
         stop.set()
-        if sig == signal.SIGTERM and taken[0] == 0:
-            taken[0] = 1                     # skip the gentle step
-        next_step()
+        received[0] += 1
+        if received[0] == 1:
+            _signal_workers(child, sig)
+            _after(STOP_GRACE_S + (drain_s if sig == signal.SIGTERM else 0.0), escalate)
+        elif received[0] == 2:
+            _signal_workers(child, signal.SIGINT)
+        else:
+            escalate()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return stop
+
+
+def _after(seconds: float, fn) -> None:
+    timer = threading.Timer(seconds, fn)
+    timer.daemon = True
+    timer.start()
 
 
 def _send(child: subprocess.Popen, sig: int) -> None:

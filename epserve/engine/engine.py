@@ -13,8 +13,12 @@ other ranks.
         plan's ``replace`` op runs at its boundary, before the step, on every rank
 
 Any exception in the engine thread (a rank died: gloo raises on a broken connection or at its timeout) makes
-the engine dead: every open stream ends with an ERROR Delta naming the cause, health() says why, and
-``on_fatal(reason)`` tells the launcher to stop the server and exit non-zero.
+the engine dead: ``diagnose()`` (comm/liveness.py, given by the launcher) names the rank or node that was lost,
+every open stream ends with an ERROR Delta naming the cause, health() says why, and ``on_fatal(reason)`` tells
+the launcher to stop the server and exit non-zero.
+
+Drain (SIGTERM): ``drain()`` refuses new requests (EngineUnavailableError; the server answers 503 with
+Retry-After and /health 503) while the running and waiting ones finish; ``in_flight()`` says how many remain.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import threading
 import time
 import traceback
@@ -117,7 +122,10 @@ def after_step(runner: Runner, plan: StepPlan) -> GroupTraffic | None:
         if runner.recorder is None:
             raise RuntimeError(f"rank {runner.topology.rank}: asked to save a routing trace but the runner "
                                f"records none (build_runner(record_tokens=...))")
-        runner.recorder.save(runner.coll, plan.save_trace_to)
+        trace = runner.recorder.save(runner.coll, plan.save_trace_to)
+        if runner.topology.rank == 0:
+            print(f"epserve: wrote the routing of {trace.num_tokens} live tokens to {plan.save_trace_to}",
+                  file=sys.stderr, flush=True)
     return traffic
 
 
@@ -143,7 +151,8 @@ def _push_all(batch: list[tuple[Stream, Delta]]) -> None:
 
 
 def start_engine(runner: Runner, config: EngineConfig, *, placement_document: dict | None = None,
-                 on_fatal: Callable[[str], None] | None = None, channel: ControlChannel | None = None) -> "Engine":
+                 on_fatal: Callable[[str], None] | None = None, channel: ControlChannel | None = None,
+                 diagnose: Callable[[], str] | None = None) -> "Engine":
     """Rank 0: the engine, its thread started. ``placement_document`` defaults to the runner's placement.
     ``on_fatal(reason)`` is called once, from the engine thread, when the engine dies (use
     ``loop.call_soon_threadsafe`` to reach the server's loop). The other ranks call :func:`follow`."""
@@ -153,7 +162,7 @@ def start_engine(runner: Runner, config: EngineConfig, *, placement_document: di
     if placement_document is None:
         placement_document = runner.placement.to_dict()
     engine = Engine(runner, config, placement_document=placement_document, on_fatal=on_fatal,
-                    channel=channel or ControlChannel(runner.topology, counters=runner.counters))
+                    channel=channel or ControlChannel(runner.topology, counters=runner.counters), diagnose=diagnose)
     engine.start()
     return engine
 
@@ -162,7 +171,8 @@ class Engine:
     """EngineClient (epserve/engine/api.py). Public methods are called from the server's event-loop thread."""
 
     def __init__(self, runner: Runner, config: EngineConfig, *, placement_document: dict,
-                 on_fatal: Callable[[str], None] | None, channel: ControlChannel) -> None:
+                 on_fatal: Callable[[str], None] | None, channel: ControlChannel,
+                 diagnose: Callable[[], str] | None = None) -> None:
         model = runner.model.config
         if config.max_model_len > model.max_position_embeddings:
             raise ValueError(f"engine max_model_len {config.max_model_len} exceeds the model's "
@@ -188,6 +198,8 @@ class Engine:
         self._cond = threading.Condition()
         self._streams: dict[str, Stream] = {}
         self._shutdown_requested = False
+        self._draining = False
+        self._diagnose = diagnose
         self._dead_reason: str | None = None
         self._plans = 0                     # plans sent (heartbeats included): the next plan's step number
         self._steps = 0                     # plans with work
@@ -224,6 +236,9 @@ class Engine:
                 return EngineHealth(False, self._dead_reason)
             if self._shutdown_requested:
                 return EngineHealth(False, "shutting down")
+            if self._draining:
+                return EngineHealth(False, f"draining: {self._scheduler.num_running + self._scheduler.num_waiting} "
+                                           f"request(s) still in flight, no new ones accepted")
             age = time.monotonic() - self._last_plan_end
         if age > self.config.stuck_after_s:
             return EngineHealth(False, f"no step finished for {age:.0f} s")
@@ -266,6 +281,16 @@ class Engine:
         with self._cond:
             self._cond.notify_all()
 
+    def drain(self) -> None:
+        """Refuse new requests from now on; the running and waiting ones go on. Idempotent."""
+        with self._cond:
+            self._draining = True
+
+    def in_flight(self) -> int:
+        """Requests admitted and not finished (running + waiting)."""
+        with self._cond:
+            return self._scheduler.num_running + self._scheduler.num_waiting
+
     def shutdown(self) -> None:
         with self._cond:
             self._shutdown_requested = True
@@ -289,6 +314,9 @@ class Engine:
             raise EngineUnavailableError(f"the engine is down: {self._dead_reason}")
         if self._shutdown_requested:
             raise EngineUnavailableError("the engine is shutting down")
+        if self._draining:
+            raise EngineUnavailableError("the server is draining (stopping): no new requests; retry on another "
+                                         "replica")
 
     def _cancel(self, request_id: str) -> None:
         with self._cond:
@@ -328,7 +356,10 @@ class Engine:
                     self._replace.close()
                     return
         except BaseException as exc:  # noqa: BLE001 - any failure ends the engine; the reason goes out
-            self._die(f"engine step failed ({type(exc).__name__}: {exc}); a rank may be down", exc)
+            lost = self._diagnose() if self._diagnose is not None else ""
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            self._die(lost or f"engine step failed ({type(exc).__name__}: {first}); a rank may be down", exc,
+                      explained=bool(lost))
 
     def _next_plan(self) -> StepPlan:
         with self._cond:
@@ -377,13 +408,14 @@ class Engine:
             if plan.save_trace_to is not None:
                 self._trace_saved_count = self._runner.recorder.count
 
-    def _die(self, reason: str, exc: BaseException) -> None:
+    def _die(self, reason: str, exc: BaseException, *, explained: bool = False) -> None:
         with self._cond:
             self._dead_reason = reason
             self._deliver(self._scheduler.abort_all(reason))
             for request_id in list(self._streams):   # none expected: every live request was just aborted
                 self._deliver([(request_id, Delta(finish_reason=FinishReason.ERROR, error=reason))])
-        traceback.print_exception(exc)
+        if not explained:   # a lost rank explains the failed collective; anything else deserves its traceback
+            traceback.print_exception(exc)
         if self._on_fatal is not None:
             try:
                 self._on_fatal(reason)

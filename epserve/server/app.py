@@ -268,7 +268,8 @@ class _Server:
     def engine_error(self, event: TextEvent) -> errors.APIError:
         health = self.engine.health()
         if not health.ok:
-            return errors.engine_unavailable(f"{event.error} ({health.reason})")
+            said = event.error or ""
+            return errors.engine_unavailable(said if health.reason in said else f"{said} ({health.reason})")
         return errors.engine_failed(event.error or "unknown error")
 
     async def sse_body(self, job: _Job, streams: list[TextStream], *, chat: bool):

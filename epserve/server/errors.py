@@ -49,8 +49,10 @@ def queue_full(message: str, retry_after_s: int) -> APIError:
                     headers={"Retry-After": str(max(1, int(retry_after_s)))})
 
 
-def engine_unavailable(message: str) -> APIError:
-    return APIError(503, f"The engine is unavailable: {message}", type="server_error", code="engine_unavailable")
+def engine_unavailable(message: str, retry_after_s: int = 1) -> APIError:
+    """503 with ``Retry-After``: a load balancer sends the request to another replica (draining, or down)."""
+    return APIError(503, f"The engine is unavailable: {message}", type="server_error", code="engine_unavailable",
+                    headers={"Retry-After": str(max(1, int(retry_after_s)))})
 
 
 def engine_failed(message: str) -> APIError:
