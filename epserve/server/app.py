@@ -46,12 +46,15 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()   # empty: the engine's model_name
     api_key: str | None = None                 # None: no authentication
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0               # a request body must arrive whole this soon (else 408)
     default_max_tokens: int = 16               # when a request gives no max_tokens (capped by the context)
     default_temperature: float = 1.0           # OpenAI's default
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if not 0.0 <= self.default_temperature <= 2.0:
@@ -100,10 +103,18 @@ class _Server:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise errors.body_too_large(limit)
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise errors.body_too_large(limit)
+
+        async def receive() -> None:
+            async for part in request.stream():
+                body.extend(part)
+                if len(body) > limit:
+                    raise errors.body_too_large(limit)
+
+        try:   # a client that sends its body slowly, or never finishes it, holds only its own connection
+            await asyncio.wait_for(receive(), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise errors.APIError(408, f"The request body did not arrive within {self.config.body_timeout_s:g} s",
+                                  code="request_timeout") from None
         return bytes(body)
 
     def check_auth(self, request: Request) -> None:
@@ -476,7 +487,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     route("/placement", server.placement_post, methods=["POST"], summary="Swap in a placement while serving",
           status_code=202,
           responses={202: {"model": S.PlacementAccepted, "description": "Accepted: GET /placement follows it"},
-                     **S.error_responses(400, 401, 403, 409, 413, 503)},
+                     **S.error_responses(400, 401, 403, 408, 409, 413, 503)},
           openapi_extra=S.SECURED | S.request_body(
               {"oneOf": [S.inline_schema(S.PlacementDocument), S.inline_schema(S.SolveRequest)]}, {"solve": True}))
     for path, get in (("/v1/models", server.models), ("/health", server.health),

@@ -252,6 +252,7 @@ _ERROR_WHEN = {
     401: "Missing or invalid API key",
     403: "The server has no API key, which this endpoint needs",
     404: "No such model",
+    408: "The request body did not arrive in time",
     409: "A placement swap or solve is running, or the server records no live routing",
     413: "The request body is larger than the limit",
     500: "The engine failed",
@@ -269,7 +270,7 @@ def generation_responses(model: type[BaseModel], chunk: type[BaseModel]) -> dict
                                                  f"Events, each 'data: ' line a {chunk.__name__} and the last "
                                                  "'data: [DONE]'",
                   "content": {"text/event-stream": {"schema": sse_event(chunk)}}},
-            **error_responses(400, 401, 404, 413, 500, 503)}
+            **error_responses(400, 401, 404, 408, 413, 500, 503)}
 
 
 def sse_event(chunk: type[BaseModel]) -> dict:

@@ -50,10 +50,10 @@ def test_every_route_and_status_is_declared(doc):
     assert doc["openapi"].startswith("3.")
     assert {p: set(ops) for p, ops in doc["paths"].items()} == ROUTES
     statuses = {(p, m): set(op["responses"]) for p, ops in doc["paths"].items() for m, op in ops.items()}
-    gen = {"200", "400", "401", "404", "413", "500", "503"}
+    gen = {"200", "400", "401", "404", "408", "413", "500", "503"}
     assert statuses[("/v1/completions", "post")] == gen
     assert statuses[("/v1/chat/completions", "post")] == gen
-    assert statuses[("/placement", "post")] == {"202", "400", "401", "403", "409", "413", "503"}
+    assert statuses[("/placement", "post")] == {"202", "400", "401", "403", "408", "409", "413", "503"}
     assert statuses[("/health", "get")] == {"200", "503"}
     assert set(doc["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]) == \
         {"application/json", "text/event-stream"}
