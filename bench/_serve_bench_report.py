@@ -90,11 +90,13 @@ def plot_latency(out: Path, result: dict) -> Path:
                         color=color)
         ax.set_title(f"{metric.split('_')[0].upper()} {q}")
         ax.set_ylabel("ms")
-        ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        if metric == "ttft_ms":   # TTFT spans orders of magnitude past the knee; TPOT stays within a few x
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("output tokens/s")
@@ -117,7 +119,7 @@ def plot_radar(out: Path, result: dict, c: dict) -> Path:
     fig = plt.figure(figsize=(5, 5))
     ax = fig.add_subplot(111, polar=True)
     ax.set_theta_offset(np.pi / 2)
-    ax.set_rlabel_position(180)
+    ax.set_rlabel_position(60)
     ax.plot(ang + ang[:1], vals + vals[:1], "o-", color="C0")
     ax.fill(ang + ang[:1], vals + vals[:1], alpha=0.25, color="C0")
     ax.set_xticks(ang)
@@ -125,7 +127,7 @@ def plot_radar(out: Path, result: dict, c: dict) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_yticks([0.25, 0.5, 0.75, 1.0])
     ax.set_title(f"CAP: {c['config']}\n{c['cpu_s_per_1k_tokens']:.1f} CPU-s/1k tok, accuracy "
-                 f"{c['accuracy']['accuracy']:.2f}, {c['best_output_tok_s']:.0f} tok/s", fontsize=9)
+                 f"{c['accuracy']['accuracy']:.2f}, {c['best_output_tok_s']:.0f} tok/s", fontsize=9, pad=24)
     fig.tight_layout()
     path = out / f"serve_bench_cap_{slug(c['config'])}.png"
     fig.savefig(path, dpi=110)
