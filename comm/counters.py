@@ -26,6 +26,7 @@ class CollKind(enum.Enum):
     CONTROL = "control"            # step plans broadcast from rank 0 (CPU group)
     STATS = "stats"                # live statistics gathered over the CPU group
     WEIGHTS = "weights"            # expert weights moved between ranks by a live re-placement
+    REDUCE_SCATTER = "reduce_scatter"   # tensor-parallel attention's partial outputs, summed per token chunk
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,7 @@
     exchange_counts:  [G, C] int64 per rank --all_to_all_single (equal splits)--> [G, C] from every rank
     all_to_all_rows:  rows grouped by destination + split sizes --all_to_all_single (uneven)--> rows by source
     all_gather_rows:  [N, ...] per rank (same N everywhere) --all_gather_into_tensor--> [G, N, ...]
+    reduce_scatter_rows: [G, C, ...] per rank --reduce_scatter_tensor (sum)--> [C, ...]: chunk r summed on rank r
     all_gather_varlen [N_r, ...] per rank --counts, pad to max, gather, trim--> list of G tensors
 
 Uneven all-to-alls always take their receive split sizes from a counts exchange (or from metadata every
@@ -24,6 +25,7 @@ from comm.counters import CollKind, CommCounters
 from comm.topology import EPTopology
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,8 +128,10 @@ class Collectives:
                                  payload_bytes=payload_bytes, calls=0)
         return recv_B, work
 
-    def all_gather_rows(self, x_NX: torch.Tensor, *, phase: str, layer: int | None = None) -> torch.Tensor:
-        """[N, ...] from every rank (the same N everywhere) -> [G, N, ...]."""
+    def all_gather_rows(self, x_NX: torch.Tensor, *, phase: str, layer: int | None = None,
+                        real_rows: int | None = None) -> torch.Tensor:
+        """[N, ...] from every rank (the same N everywhere) -> [G, N, ...]. ``real_rows``: how many of this
+        rank's N rows are real (the rest padding): payload and transfers count those, wire bytes all."""
         G = self.world_size
         if G == 1:
             return x_NX.unsqueeze(0).clone()
@@ -135,9 +139,36 @@ class Collectives:
         out = torch.empty((G * x_NX.shape[0],) + tuple(x_NX.shape[1:]), dtype=x_NX.dtype, device=x_NX.device)
         _all_gather_single(out, x_NX, group=self.topology.group)
         out = out.view((G,) + tuple(x_NX.shape))
-        nbytes = x_NX.numel() * x_NX.element_size()
-        self.counters.record(CollKind.ALL_GATHER, phase=phase, layer=layer, rows=(G - 1) * x_NX.shape[0],
-                             payload_bytes=(G - 1) * nbytes, wire_bytes=(G - 1) * nbytes)
+        N = x_NX.shape[0]
+        row_bytes = x_NX.numel() * x_NX.element_size() // max(N, 1)
+        real = N if real_rows is None else real_rows
+        cross = sum(1 for g in range(G) if g // self.topology.gpus_per_node != self.topology.node) * real
+        self.counters.record(CollKind.ALL_GATHER, phase=phase, layer=layer, rows=(G - 1) * real,
+                             cross_node_rows=cross if real_rows is not None else 0,
+                             payload_bytes=(G - 1) * real * row_bytes, wire_bytes=(G - 1) * N * row_bytes)
+        return out
+
+    def reduce_scatter_rows(self, x_GCX: torch.Tensor, *, phase: str, layer: int | None = None,
+                            real_rows_G: list[int] | None = None) -> torch.Tensor:
+        """Row block g of ``x_GCX`` (every rank's) summed on rank g -> this rank's [C, ...]. Counted: the C rows
+        sent to each other rank (``real_rows_G[g]`` of block g are real, the rest padding: payload counts the real
+        ones, wire bytes all)."""
+        G, me = self.world_size, self.rank
+        if x_GCX.shape[0] != G:
+            raise ValueError(f"reduce_scatter_rows needs [{G}, C, ...], got {tuple(x_GCX.shape)}")
+        if G == 1:
+            return x_GCX[0].clone()
+        C = x_GCX.shape[1]
+        flat = x_GCX.reshape((G * C,) + tuple(x_GCX.shape[2:])).contiguous()
+        out = torch.empty((C,) + tuple(x_GCX.shape[2:]), dtype=flat.dtype, device=flat.device)
+        _reduce_scatter_single(out, flat, op=dist.ReduceOp.SUM, group=self.topology.group)
+        row_bytes = math.prod(x_GCX.shape[2:]) * x_GCX.element_size()
+        real = [C] * G if real_rows_G is None else list(real_rows_G)
+        node, per_node = self.topology.node, self.topology.gpus_per_node
+        rows = sum(n for g, n in enumerate(real) if g != me)
+        cross = sum(n for g, n in enumerate(real) if g // per_node != node)
+        self.counters.record(CollKind.REDUCE_SCATTER, phase=phase, layer=layer, rows=rows, cross_node_rows=cross,
+                             payload_bytes=rows * row_bytes, wire_bytes=(G - 1) * C * row_bytes)
         return out
 
     def all_gather_varlen(self, x_NX: torch.Tensor, *, phase: str) -> list[torch.Tensor]:

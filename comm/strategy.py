@@ -2,5 +2,6 @@
 on what each strategy means). Import it from here in comm/, epserve/ and launch/."""
 
 from placement.simulate import Strategy
+from placement.tp_shuffle import AttentionLayout
 
-__all__ = ["Strategy"]
+__all__ = ["AttentionLayout", "Strategy"]

@@ -59,6 +59,7 @@ class _Attempt:
     held_bound: int = 0
     overflow: torch.Tensor | None = None    # device bool: some fixed buffer overflowed on this rank
     routed: list = field(default_factory=list)   # (MoE layer, topk ids) for the live statistics
+    tp_order: np.ndarray | None = None           # --attention tp: the step's token chunks (runner_tp.py)
 
 
 @dataclass(frozen=True)

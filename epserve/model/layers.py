@@ -112,6 +112,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(H * d, config.rms_norm_eps)
             self.k_norm = RMSNorm(Hkv * d, config.rms_norm_eps)
         self.rotary = rotary  # shared by every layer; holds no weights
+        self.tp_slices = None  # tensor-parallel shard of a FULL q/k norm layer: (q columns, k columns) kept
 
     def project_qkv(self, x_TD: torch.Tensor, positions_T: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,11 +121,13 @@ class Attention(nn.Module):
         q_TX, k_TX, v_TX = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
         if self.qk_norm is QKNorm.FULL:
             q_TX, k_TX = self.q_norm(q_TX), self.k_norm(k_TX)
+            if self.tp_slices is not None:   # the norm saw every head; this rank keeps its own (epserve/model/tp.py)
+                q_TX, k_TX = q_TX[:, self.tp_slices[0]], k_TX[:, self.tp_slices[1]]
         if self.clip_qkv is not None:
             c = self.clip_qkv
             q_TX, k_TX, v_TX = q_TX.clamp(-c, c), k_TX.clamp(-c, c), v_TX.clamp(-c, c)
-        q_THd = q_TX.view(T, self.num_heads, self.head_dim)
-        k_THkvd = k_TX.view(T, self.num_kv_heads, self.head_dim)
+        q_THd = q_TX.reshape(T, self.num_heads, self.head_dim)
+        k_THkvd = k_TX.reshape(T, self.num_kv_heads, self.head_dim)
         v_THkvd = v_TX.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm is QKNorm.PER_HEAD:
             q_THd, k_THkvd = self.q_norm(q_THd), self.k_norm(k_THkvd)

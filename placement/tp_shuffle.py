@@ -1,0 +1,86 @@
+"""Which rank holds which step token between a tensor-parallel attention layer and the next (``--attention tp``).
+
+Under TP attention every rank computes every step token's attention for its own heads; the layer's output
+partials are reduce-scattered so that each rank sums ONE chunk of the tokens (C = ceil(T / G) rows per rank,
+padded), runs the MoE (or dense) layer on it and all-gathers the result for the next layer's attention. The
+chunking is a pure function of step metadata, so every rank computes the same one (no talk):
+
+    contiguous_chunks (tp_two_a2a, DeepSpeed-MoE with TP attention): token t on rank t // C.
+    balanced_chunks   (tp_speculative, Speculative MoE's s-TS): token t on the rank predicted to hold its experts
+                      while that rank has room (C rows); the rest (no prediction, or their rank full) fill the
+                      free rows, each on the first rank with room at or after its predicted one (cyclically; rank 0
+                      without a prediction), tokens in index order.
+
+Output: ``order_GC`` int64 [G, C]: the step token in row c of rank g's chunk, -1 for padding; each rank's row
+ascending (the dispatcher wants held tokens ascending).
+
+Shapes: T step tokens, G ranks, C rows per rank.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+from placement.errors import InputError
+
+
+def chunk_rows(num_tokens: int, world_size: int) -> int:
+    """C: rows per rank (at least 1)."""
+    return max(1, -(-num_tokens // world_size))
+
+
+def contiguous_chunks(num_tokens: int, world_size: int) -> np.ndarray:
+    """int64 [G, C]: token t in row t % C of rank t // C; -1 pads the last ranks' rows."""
+    C = chunk_rows(num_tokens, world_size)
+    order = np.full(world_size * C, -1, dtype=np.int64)
+    order[:num_tokens] = np.arange(num_tokens)
+    return order.reshape(world_size, C)
+
+
+def balanced_chunks(pred_rank_T: np.ndarray, world_size: int) -> np.ndarray:
+    """int64 [G, C] as contiguous_chunks, each token on its predicted rank (-1: none) while room lasts."""
+    pred_T = np.asarray(pred_rank_T, dtype=np.int64)
+    T, G = len(pred_T), world_size
+    C = chunk_rows(T, G)
+    if len(pred_T) and (pred_T.max() >= G or pred_T.min() < -1):
+        raise ValueError(f"predicted ranks must be in [-1, {G}), got {pred_T.min()}..{pred_T.max()}")
+    rank_T = np.full(T, -1, dtype=np.int64)
+    free_G = np.full(G, C, dtype=np.int64)
+    for t in range(T):                       # predicted ranks first, while they have room
+        g = pred_T[t]
+        if g >= 0 and free_G[g]:
+            rank_T[t], free_G[g] = g, free_G[g] - 1
+    for t in np.flatnonzero(rank_T < 0):     # the rest: the first rank with room at or after the predicted one
+        start = max(pred_T[t], 0)
+        for k in range(G):
+            g = (start + k) % G
+            if free_G[g]:
+                rank_T[t], free_G[g] = g, free_G[g] - 1
+                break
+    order = np.full((G, C), -1, dtype=np.int64)
+    for g in range(G):
+        mine = np.flatnonzero(rank_T == g)   # ascending
+        order[g, : len(mine)] = mine
+    return order
+
+
+def real_rows_G(order_GC: np.ndarray) -> list[int]:
+    """Real (non-padding) rows of each rank's chunk."""
+    return (order_GC >= 0).sum(axis=1).tolist()
+
+
+class AttentionLayout(Enum):
+    """``--attention``: where a token's attention runs. DP: on one rank (today's strategies); TP: heads sharded
+    over the EP group, the layer's tokens reduce-scattered into chunks around each MoE layer."""
+
+    DP = "dp"
+    TP = "tp"
+
+    @classmethod
+    def parse(cls, name: str) -> "AttentionLayout":
+        try:
+            return cls(name)
+        except ValueError:
+            raise InputError(f"attention must be one of {', '.join(a.value for a in cls)}, got {name!r}") from None

@@ -1,0 +1,76 @@
+"""Tensor-parallel attention (``--attention tp``, tp_two_a2a) is lossless: at 1, 2 and 4 ranks (4 as 2 nodes x 2)
+the greedy tokens equal the one-process model's for top-2 Mixtral, top-8 Qwen3 and OLMoE (q/k norm over all
+heads), in float32 and bfloat16, with the a2a and fixed transports. Each rank keeps only its heads (weights and
+KV cache; key-value heads replicated when the ranks outnumber them), and the reduce-scatter and all-gather
+around every decoder layer move (G - 1) rows per step token each (the last layer: no all-gather), counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from comm.spawn import spawn_ranks
+from epserve.model.config import ModelConfig
+from placement.transport import Transport
+from tests.dist._runner_cases import reference
+from tests.dist._tp_cases import NEW, PROMPTS, TPCase, run_tp_cases
+
+GPUS_PER_NODE = {1: 1, 2: 2, 4: 2}
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tiny_checkpoint):
+    models = {"mixtral_top2": tiny_checkpoint("mixtral"),
+              "qwen3_top8": tiny_checkpoint("qwen3_moe", num_experts=16, num_experts_per_tok=8),
+              "olmoe": tiny_checkpoint("olmoe")}
+    cases = [TPCase(f"{name}/{dtype}", ckpt, dtype) for name, ckpt in models.items()
+             for dtype in ("float32", "bfloat16")]
+    cases.append(TPCase("mixtral_top2/float32/fixed", models["mixtral_top2"], transport=Transport.FIXED))
+    done = {}
+
+    def get(G: int):
+        if G not in done:
+            done[G] = (cases, spawn_ranks(run_tp_cases, G, (cases,), gpus_per_node=GPUS_PER_NODE[G], timeout_s=300))
+        return done[G]
+
+    return get
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_tp_attention_gives_the_one_process_tokens(tp_runs, G):
+    cases, per_rank = tp_runs(G)
+    refs = {}
+    for i, case in enumerate(cases):
+        key = (case.ckpt, case.dtype)
+        if key not in refs:
+            refs[key] = reference(case.ckpt, PROMPTS, NEW, case.dtype)[0]
+        for r in range(G):
+            assert per_rank[r][i]["tokens"] == refs[key], f"{case.name}: rank {r}"
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("G", [2, 4])
+def test_each_rank_keeps_its_heads_and_the_collectives_are_counted(tp_runs, G):
+    cases, per_rank = tp_runs(G)
+    for i, case in enumerate(cases):
+        cfg = ModelConfig.from_dir(case.ckpt)
+        H, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        moe_layers, layers = cfg.num_moe_layers, cfg.num_layers
+        for r in range(G):
+            res = per_rank[r][i]
+            assert res["heads"] == (H // G, max(1, Hkv // G)), case.name
+            assert res["kv_heads_cached"] == max(1, Hkv // G), case.name
+            assert res["o_cols"] == H // G * d, case.name
+            if cfg.qk_norm.value != "full":   # OLMoE keeps the full q projection for its norm
+                assert res["q_rows"] == H // G * d, case.name
+            tokens = sum(res["step_tokens"])
+            steps = sum(1 for t in res["step_tokens"] if t)
+            # every step: one reduce-scatter per decoder layer, one all-gather per layer but the last;
+            # summed over ranks, each real token row is sent to the G - 1 other ranks
+            assert res["rs_calls"] == steps * layers and res["ag_calls"] == steps * (layers - 1), case.name
+        rs = sum(per_rank[r][i]["rs_rows"] for r in range(G))
+        ag = sum(per_rank[r][i]["ag_rows"] for r in range(G))
+        tokens = sum(per_rank[0][i]["step_tokens"])
+        assert rs == (G - 1) * tokens * layers, (case.name, rs)
+        assert ag == (G - 1) * tokens * (layers - 1), (case.name, ag)
+        assert moe_layers >= 1
