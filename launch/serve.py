@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from comm.strategy import Strategy
+from comm.strategy import AttentionLayout, Strategy
 from placement.transport import Transport
 from comm.topology import EPTopology, init_ep_topology
 from epserve.engine.builder import build_runner
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                           predictor_path=args.predictor, kv_cache_tokens=args.kv_cache_tokens,
                           record_tokens=args.record_tokens if args.record_trace else 0,
                           window_tokens=args.replace_window, transport=Transport.parse(args.transport),
-                          capacity=args.capacity, dtype=resolve_dtype(args.dtype, args.model))
+                          capacity=args.capacity, dtype=resolve_dtype(args.dtype, args.model),
+                          attention=AttentionLayout.parse(args.attention))
     watchdog = Watchdog(EXIT_DEADLINE_S)
     if topology.rank == 0:
         code = serve_rank0(args, runner, watchdog, http_socket, liveness)
@@ -255,7 +256,7 @@ def _say_listening(server, args, runner) -> None:
     if server.started:
         t = runner.topology
         print(f"epserve worker: listening on http://{args.host}:{args.port} ({t.world_size} rank(s), strategy "
-              f"{runner.strategy.value})", file=sys.stderr, flush=True)
+              f"{runner.strategy_label})", file=sys.stderr, flush=True)
 
 
 def _stop_engine(engine) -> bool:

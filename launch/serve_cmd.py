@@ -60,6 +60,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="how rows move: a2a (counts exchange + uneven all-to-all), fixed (fixed per-peer buffers, "
                         "no host sync), node_aware (each token crosses to another node once); auto: the cost "
                         "model's choice")
+    p.add_argument("--attention", default="dp", choices=["dp", "tp"],
+                   help="dp: each token's attention on one rank (every strategy); tp: heads sharded over the EP "
+                        "group, each rank caching only its heads' K/V, tokens reduce-scattered into chunks around "
+                        "each MoE layer (strategy two_a2a: tp_two_a2a; GQA models)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights, activations and KV cache dtype (auto: the checkpoint's); routers' softmax / "
                         "sigmoid and top-k weights stay float32")
@@ -154,6 +158,11 @@ def preflight(args, *, check_port: bool = True) -> Preflight:
                          f"with replicated experts (schema version 2)")
     placement_path = Path(args.placement).resolve() if args.placement else None
     placement = _placement(args, placement_path, config, model_dir.name)
+    if args.attention == "tp":
+        from epserve.model.tp import check_tp
+        check_tp(config, world)
+        if args.strategy != Strategy.TWO_A2A.value:
+            raise InputError(f"--attention tp serves --strategy two_a2a (tp_two_a2a); got --strategy {args.strategy}")
     check_transport_options(args)
     predictor_path = None if args.strategy == AUTO else \
         _predictor(args, Strategy.parse(args.strategy), placement, placement_path)
@@ -315,6 +324,7 @@ def _optional_predictor(args, placement: Placement, placement_path: Path | None)
 def worker_argv(args, pre: Preflight) -> list[str]:
     """``launch.serve``'s arguments: the resolved paths and every model option as given."""
     out = ["--model", str(pre.model_dir), "--strategy", pre.strategy.value, "--transport", pre.transport.value,
+           "--attention", args.attention,
            "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
            "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
            "--collective-timeout", str(args.collective_timeout), "--drain-timeout", str(args.drain_timeout),

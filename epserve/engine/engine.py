@@ -249,7 +249,7 @@ class Engine:
     def snapshot(self) -> EngineSnapshot:
         with self._cond:
             s, traffic = self._scheduler, self._traffic
-            return EngineSnapshot(strategy=self._runner.strategy.value, world_size=self._runner.topology.world_size,
+            return EngineSnapshot(strategy=self._runner.strategy_label, world_size=self._runner.topology.world_size,
                                   waiting=s.num_waiting, running=s.num_running, steps=self._steps,
                                   prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
                                   kv_used_tokens=self._kv_used, kv_capacity_tokens=self._kv_capacity,

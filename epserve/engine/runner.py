@@ -99,6 +99,11 @@ class Runner:
     def strategy(self):
         return self.dispatcher.strategy
 
+    @property
+    def strategy_label(self) -> str:
+        """What reports call the strategy (TPRunner: tp_<strategy>)."""
+        return self.strategy.value
+
     def kv_stats(self) -> KVStats:
         return self.kv.stats()
 

@@ -29,6 +29,10 @@ from placement.tp_shuffle import contiguous_chunks, real_rows_G
 
 
 class TPRunner(Runner):
+    @property
+    def strategy_label(self) -> str:
+        return f"tp_{self.strategy.value}"
+
     def _start(self, batch: StepBatch, attempt: _Attempt) -> _Held:
         T, G = batch.num_tokens, self.topology.world_size
         attempt.tp_order = contiguous_chunks(T, G)

@@ -98,6 +98,11 @@ def test_experts_must_split_evenly_over_the_ranks(capsys):
     (["--capacity", "8"], "--capacity sizes the fixed transport's buffers; it does not apply to --transport a2a"),
     (["--strategy", "auto", "--hardware", "tpu-pod"], "unknown hardware 'tpu-pod' (known: cpu-gloo"),
     (["--transport", "auto", "--tokens-per-step", "0"], "--tokens-per-step must be >= 1, got 0"),
+    (["--kv-cache-tokens", "10"], "--kv-cache-tokens 10 holds fewer tokens than one full-length sequence (512"),
+    (["--drain-timeout", "-1"], "--drain-timeout must be a finite number of seconds >= 0, got -1.0"),
+    (["--replace-every", "100", "--replace-window", "0"], "--replace-every needs a live routing window"),
+    (["--attention", "tp", "--nproc-per-node", "8"], "--attention tp: num_attention_heads 4 cannot be split over 8"),
+    (["--attention", "tp", "--strategy", "coherent"], "--attention tp serves --strategy two_a2a (tp_two_a2a)"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     assert message in _refused(capsys, *argv)
