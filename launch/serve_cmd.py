@@ -63,7 +63,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="dp", choices=["dp", "tp"],
                    help="dp: each token's attention on one rank (every strategy); tp: heads sharded over the EP "
                         "group, each rank caching only its heads' K/V, tokens reduce-scattered into chunks around "
-                        "each MoE layer (strategy two_a2a: tp_two_a2a; GQA models)")
+                        "each MoE layer (strategy two_a2a: tp_two_a2a; speculative: tp_speculative, each token "
+                        "scattered to the rank predicted to hold its experts; GQA models)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights, activations and KV cache dtype (auto: the checkpoint's); routers' softmax / "
                         "sigmoid and top-k weights stay float32")
@@ -161,8 +162,9 @@ def preflight(args, *, check_port: bool = True) -> Preflight:
     if args.attention == "tp":
         from epserve.model.tp import check_tp
         check_tp(config, world)
-        if args.strategy != Strategy.TWO_A2A.value:
-            raise InputError(f"--attention tp serves --strategy two_a2a (tp_two_a2a); got --strategy {args.strategy}")
+        if args.strategy not in (Strategy.TWO_A2A.value, Strategy.SPECULATIVE.value):
+            raise InputError(f"--attention tp serves --strategy two_a2a (tp_two_a2a) and speculative "
+                             f"(tp_speculative); got --strategy {args.strategy}")
     check_transport_options(args)
     predictor_path = None if args.strategy == AUTO else \
         _predictor(args, Strategy.parse(args.strategy), placement, placement_path)

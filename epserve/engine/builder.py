@@ -58,7 +58,7 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
                  record_tokens: int = 0, window_tokens: int = 0, check_splits: bool = False,
                  forced_routing_trace=None,
                  transport: Transport = Transport.A2A, capacity: int | None = None,
-                 attention: AttentionLayout = AttentionLayout.DP) -> Runner:
+                 attention: AttentionLayout = AttentionLayout.DP, tp_capacity_factor: float = 2.0) -> Runner:
     """This rank's Runner. Reads only this rank's experts; ``kv_cache_tokens`` is the KV capacity of each
     rank; ``record_tokens`` > 0 attaches a RoutingRecorder of that many tokens (the run's first: --record-trace);
     ``window_tokens`` > 0 a ring recorder of the latest that many (live re-placement); ``forced_routing_trace``
@@ -71,9 +71,9 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
     if tp:
         from epserve.model.tp import check_tp
         check_tp(config, topology.world_size)
-        if strategy is not Strategy.TWO_A2A:
-            raise InputError(f"--attention tp serves strategy two_a2a (tp_two_a2a); {strategy.value} needs "
-                             f"--attention dp")
+        if strategy not in (Strategy.TWO_A2A, Strategy.SPECULATIVE):
+            raise InputError(f"--attention tp serves strategies two_a2a (tp_two_a2a) and speculative "
+                             f"(tp_speculative); {strategy.value} needs --attention dp")
     dtype = checkpoint_dtype(model_dir) if dtype is None else dtype
     placement = check_placement(placement, config, topology)
     mine_LX = placement.experts_on(topology.rank)
@@ -86,9 +86,13 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
     coll = Collectives(topology, CommCounters())
     # this rank's column of the replica rule (placement/replicas.py): where its tokens go for each expert
     choice_LE = torch.as_tensor(placement.copy_choice_LEG[:, :, topology.rank])
+    predictor = load_predictor(predictor_path, strategy, placement)
+    shuffle_predictor = None
+    if tp:   # the MoE layers run the two_a2a way on each chunk; s-TS only chooses the chunks (runner_tp.py)
+        strategy, shuffle_predictor, predictor = Strategy.TWO_A2A, predictor, None
     dispatcher = make_dispatcher(strategy, coll, choice_LE, top_k=config.top_k, hidden_size=config.hidden_size,
                                  dtype=dtype,
-                                 predictor=load_predictor(predictor_path, strategy, placement),
+                                 predictor=predictor,
                                  anchors=placement.anchors, check_splits=check_splits, transport=transport,
                                  capacity=capacity)
     kv_heads, k_dim, v_dim = config.kv_row   # MLA: one latent row per token, no V tensor (v_dim 0)
@@ -105,6 +109,8 @@ def build_runner(model_dir: str | Path, topology: EPTopology, *, strategy: Strat
     forced = None if forced_routing_trace is None else ForcedRouting(
         forced_routing_trace, num_experts=config.num_experts, top_k=config.top_k,
         num_moe_layers=config.num_moe_layers)
-    runner_cls = TPRunner if tp else Runner
-    return runner_cls(model=model, coll=coll, dispatcher=dispatcher, kv=kv, recorder=recorder, window=window,
-                      load_report=report, placement=placement, forced_routing=forced)
+    common = dict(model=model, coll=coll, dispatcher=dispatcher, kv=kv, recorder=recorder, window=window,
+                  load_report=report, placement=placement, forced_routing=forced)
+    if tp:
+        return TPRunner(shuffle_predictor=shuffle_predictor, capacity_factor=tp_capacity_factor, **common)
+    return Runner(**common)

@@ -59,7 +59,7 @@ class _Attempt:
     held_bound: int = 0
     overflow: torch.Tensor | None = None    # device bool: some fixed buffer overflowed on this rank
     routed: list = field(default_factory=list)   # (MoE layer, topk ids) for the live statistics
-    tp_order: np.ndarray | None = None           # --attention tp: the step's token chunks (runner_tp.py)
+    tp_top1_rank_TL: np.ndarray | None = None    # --attention tp, s-TS: top-1 ranks seen so far (runner_tp.py)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from comm.counters import CollKind
 from comm.strategy import AttentionLayout, Strategy
 from epserve.engine.builder import build_runner
 from epserve.engine.generate import generate
+from placement.placement import Placement
 from placement.transport import Transport
 from tests.dist._runner_cases import DTYPES
 
@@ -22,14 +23,18 @@ class TPCase:
     ckpt: Path
     dtype: str = "float32"
     transport: Transport = Transport.A2A
+    strategy: Strategy = Strategy.TWO_A2A        # SPECULATIVE: tp_speculative (needs predictor_path)
+    placement: Placement | None = None
+    predictor_path: Path | None = None
 
 
 def run_tp_cases(topology, cases: list[TPCase]) -> list[dict]:
     out = []
     for case in cases:
-        runner = build_runner(case.ckpt, topology, strategy=Strategy.TWO_A2A, attention=AttentionLayout.TP,
+        runner = build_runner(case.ckpt, topology, strategy=case.strategy, attention=AttentionLayout.TP,
                               kv_cache_tokens=512, kv_block_size=4, check_splits=True, transport=case.transport,
-                              dtype=DTYPES[case.dtype])
+                              dtype=DTYPES[case.dtype], placement=case.placement,
+                              predictor_path=case.predictor_path)
         step_tokens = []
 
         def count(plan):
@@ -45,5 +50,6 @@ def run_tp_cases(topology, cases: list[TPCase]) -> list[dict]:
                     "rs_rows": rs.rows, "rs_calls": rs.calls,
                     "ag_rows": runner.counters.total(CollKind.ALL_GATHER, phase="tp_gather").rows,
                     "ag_calls": runner.counters.total(CollKind.ALL_GATHER, phase="tp_gather").calls,
-                    "step_tokens": step_tokens})
+                    "step_tokens": step_tokens, "label": runner.strategy_label,
+                    "dispatch_rows": runner.counters.total(CollKind.ALL_TO_ALL).rows})
     return out

@@ -11,14 +11,15 @@ import pytest
 from comm.spawn import spawn_ranks
 from epserve.model.config import ModelConfig
 from placement.transport import Transport
-from tests.dist._runner_cases import reference
+from comm.strategy import Strategy
+from tests.dist._runner_cases import build_predictor, reference, solved_placement
 from tests.dist._tp_cases import NEW, PROMPTS, TPCase, run_tp_cases
 
 GPUS_PER_NODE = {1: 1, 2: 2, 4: 2}
 
 
 @pytest.fixture(scope="module")
-def tp_runs(tiny_checkpoint):
+def tp_runs(tiny_checkpoint, tmp_path_factory):
     models = {"mixtral_top2": tiny_checkpoint("mixtral"),
               "qwen3_top8": tiny_checkpoint("qwen3_moe", num_experts=16, num_experts_per_tok=8),
               "olmoe": tiny_checkpoint("olmoe")}
@@ -29,7 +30,16 @@ def tp_runs(tiny_checkpoint):
 
     def get(G: int):
         if G not in done:
-            done[G] = (cases, spawn_ranks(run_tp_cases, G, (cases,), gpus_per_node=GPUS_PER_NODE[G], timeout_s=300))
+            if G > 1:   # tp_two_a2a vs tp_speculative on one solved placement, the predictor from the same routing
+                ckpt, tmp = models["mixtral_top2"], tmp_path_factory.mktemp(f"tp{G}")
+                placement = solved_placement(ckpt, G, GPUS_PER_NODE[G])
+                predictor = build_predictor(ckpt, placement, tmp / "predictor.npz")
+                cases.extend([TPCase("mixtral_top2/solved/tp_two_a2a", ckpt, placement=placement),
+                              TPCase("mixtral_top2/solved/tp_speculative", ckpt, strategy=Strategy.SPECULATIVE,
+                                     placement=placement, predictor_path=predictor)])
+            done[G] = (list(cases), spawn_ranks(run_tp_cases, G, (cases,), gpus_per_node=GPUS_PER_NODE[G],
+                                                timeout_s=300))
+            del cases[len(cases) - (2 if G > 1 else 0):]
         return done[G]
 
     return get
@@ -74,3 +84,15 @@ def test_each_rank_keeps_its_heads_and_the_collectives_are_counted(tp_runs, G):
         assert rs == (G - 1) * tokens * layers, (case.name, rs)
         assert ag == (G - 1) * tokens * (layers - 1), (case.name, ag)
         assert moe_layers >= 1
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("G", [2, 4])
+def test_tp_speculative_dispatches_fewer_rows_than_tp_two_a2a(tp_runs, G):
+    """s-TS: with a predictor that knows these prompts' routing, tokens land where their experts are."""
+    cases, per_rank = tp_runs(G)
+    by_name = {c.name: i for i, c in enumerate(cases)}
+    base, spec = by_name["mixtral_top2/solved/tp_two_a2a"], by_name["mixtral_top2/solved/tp_speculative"]
+    assert per_rank[0][spec]["label"] == "tp_speculative" and per_rank[0][base]["label"] == "tp_two_a2a"
+    rows = {i: sum(per_rank[r][i]["dispatch_rows"] for r in range(G)) for i in (base, spec)}
+    assert rows[spec] < 0.7 * rows[base], rows

@@ -102,7 +102,8 @@ def test_experts_must_split_evenly_over_the_ranks(capsys):
     (["--drain-timeout", "-1"], "--drain-timeout must be a finite number of seconds >= 0, got -1.0"),
     (["--replace-every", "100", "--replace-window", "0"], "--replace-every needs a live routing window"),
     (["--attention", "tp", "--nproc-per-node", "8"], "--attention tp: num_attention_heads 4 cannot be split over 8"),
-    (["--attention", "tp", "--strategy", "coherent"], "--attention tp serves --strategy two_a2a (tp_two_a2a)"),
+    (["--attention", "tp", "--strategy", "coherent"], "--attention tp serves --strategy two_a2a (tp_two_a2a) and speculative"),
+    (["--attention", "tp", "--strategy", "speculative"], "strategy speculative needs a predictor"),
 ])
 def test_bad_options_are_refused(argv, message, capsys):
     assert message in _refused(capsys, *argv)
