@@ -39,11 +39,15 @@ def contiguous_chunks(num_tokens: int, world_size: int) -> np.ndarray:
     return order.reshape(world_size, C)
 
 
-def balanced_chunks(pred_rank_T: np.ndarray, world_size: int) -> np.ndarray:
-    """int64 [G, C] as contiguous_chunks, each token on its predicted rank (-1: none) while room lasts."""
+def balanced_chunks(pred_rank_T: np.ndarray, world_size: int, *, capacity_factor: float = 1.0) -> np.ndarray:
+    """int64 [G, C] as contiguous_chunks, each token on its predicted rank (-1: none) while room lasts.
+    ``capacity_factor`` >= 1: rows per rank C = ceil(factor x T / G) (more room for predictions, more padding in
+    the reduce-scatter and all-gather)."""
     pred_T = np.asarray(pred_rank_T, dtype=np.int64)
     T, G = len(pred_T), world_size
-    C = chunk_rows(T, G)
+    if capacity_factor < 1:
+        raise ValueError(f"capacity_factor must be >= 1, got {capacity_factor}")
+    C = min(T, chunk_rows(int(np.ceil(capacity_factor * T)), G)) if T else 1
     if len(pred_T) and (pred_T.max() >= G or pred_T.min() < -1):
         raise ValueError(f"predicted ranks must be in [-1, {G}), got {pred_T.min()}..{pred_T.max()}")
     rank_T = np.full(T, -1, dtype=np.int64)
