@@ -18,7 +18,11 @@ while building, X = G ** order n-gram contexts.
                copies, placement/anchor.py ``expert_table_digest``; one copy per expert: of expert_to_gpu)
 
 Only where a token sits when its router runs depends on a prediction: a wrong guess costs one normal
-transfer, never accuracy. A trace without vocabulary ids cannot build one (TraceError); nothing is guessed.
+transfer, never accuracy. A trace without vocabulary ids cannot build one (TraceError); nothing is guessed,
+unless ``build(..., ngram_only=True)`` is asked for: then the token table is EMPTY (V = 0: every id unknown, ids
+ignored even where the trace has them) and only the n-gram table predicts (layers >= 1; layer 0 and
+``predict_start_ranks`` give -1). ``predict_ranks`` accepts ``token_ids_T=None`` (every id unknown). The file
+format is unchanged: an n-gram-only predictor saves [0]-long vocab/support and [L, 0] token arrays.
 """
 
 from __future__ import annotations
@@ -86,8 +90,6 @@ class SpeculativePredictor:
         for name, (got, want) in shapes.items():
             if got != want:
                 raise InputError(f"predictor array {name} has shape {got}, expected {want}")
-        if V == 0:
-            raise InputError("predictor has an empty vocabulary table")
         if np.any(np.diff(self.vocab_V) <= 0):
             raise InputError("predictor vocab ids must be strictly increasing")
         for name, arr in (("token_rank", self.token_rank_LV), ("ngram_rank", self.ngram_rank_LX)):
@@ -98,23 +100,31 @@ class SpeculativePredictor:
     def num_layers(self) -> int:
         return self.token_rank_LV.shape[0]
 
+    @property
+    def ngram_only(self) -> bool:
+        """No token table (built with ``ngram_only=True``, e.g. from a trace without vocabulary ids)."""
+        return len(self.vocab_V) == 0
+
     # ---- building ------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, trace: RoutingTrace, placement: Placement,
-              options: PredictorOptions = PredictorOptions()) -> "SpeculativePredictor":
-        if not trace.has_token_ids:
+    def build(cls, trace: RoutingTrace, placement: Placement, options: PredictorOptions = PredictorOptions(),
+              *, ngram_only: bool = False) -> "SpeculativePredictor":
+        """Tables from ``trace`` under ``placement``. ``ngram_only``: no token table (the trace's ids, if any,
+        are ignored); without it a trace without vocabulary ids is refused (TraceError)."""
+        if not trace.has_token_ids and not ngram_only:
             raise TraceError("the trace has no vocabulary ids (token_ids): a speculative predictor cannot be "
-                             "built from it")
+                             "built from it (ngram_only=True builds the n-gram table alone)")
         placement.check_fits(num_layers=trace.num_layers, num_experts=trace.num_experts)
         G, L = placement.num_gpus, trace.num_layers
         ranks_TLK = _ranks(trace, placement)
         in_R_TLG = _rank_sets(trace, placement)
-        vocab_V, vid_T = np.unique(trace.token_ids_T, return_inverse=True)
+        ids_T = np.zeros(0, dtype=np.int64) if ngram_only else trace.token_ids_T
+        vocab_V, vid_T = np.unique(ids_T, return_inverse=True)
         V = len(vocab_V)
         support_V = np.bincount(vid_T, minlength=V)
         token_rank_LV = np.empty((L, V), dtype=np.int64)
         token_conf_LV = np.empty((L, V))
-        for l in range(L):
+        for l in range(L if V else 0):
             count_VG = np.zeros((V, G))
             np.add.at(count_VG, vid_T, in_R_TLG[:, l])
             token_rank_LV[l], token_conf_LV[l] = _winner(count_VG, support_V)
@@ -134,8 +144,10 @@ class SpeculativePredictor:
 
     # ---- predicting ----------------------------------------------------------------------------------------
     def _token_lookup(self, token_ids_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(index into the token table, known mask) for each id."""
+        """(index into the token table, known mask) for each id (an n-gram-only predictor knows none)."""
         ids = np.asarray(token_ids_T, dtype=np.int64).ravel()
+        if self.ngram_only:
+            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
         idx = np.searchsorted(self.vocab_V, ids)
         idx = np.minimum(idx, len(self.vocab_V) - 1)
         return idx, self.vocab_V[idx] == ids
@@ -144,6 +156,8 @@ class SpeculativePredictor:
         """(rank_T, confident_T): the rank predicted for each token's first MoE layer from its id alone.
         rank is -1 for ids never seen while building (never confident)."""
         idx, known = self._token_lookup(token_ids_T)
+        if self.ngram_only:
+            return np.full(len(idx), -1, dtype=np.int64), np.zeros(len(idx), dtype=bool)
         rank_T = np.where(known, self.token_rank_LV[0, idx], -1)
         confident_T = known & (self.token_conf_LV[0, idx] >= self.options.min_confidence) \
             & (self.support_V[idx] >= self.options.min_support)
@@ -151,9 +165,10 @@ class SpeculativePredictor:
 
     def predict_ranks(self, token_ids_T: np.ndarray, top1_rank_TL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rank_TL, confident_TL): per layer, the more confident of the token table (by id) and the n-gram
-        table (by the observed ranks of e_1 at the previous layers, ``top1_rank_TL``)."""
+        table (by the observed ranks of e_1 at the previous layers, ``top1_rank_TL``). ``token_ids_T`` None:
+        every id unknown (the n-gram table alone; layer 0 gets -1)."""
         T, L = top1_rank_TL.shape
-        idx, known = self._token_lookup(token_ids_T)
+        idx, known = self._token_lookup(np.full(T, -1) if token_ids_T is None else token_ids_T)
         min_c, min_s = self.options.min_confidence, self.options.min_support
         rank_TL = np.full((T, L), -1, dtype=np.int64)
         conf_TL = np.full((T, L), -1.0)
@@ -174,6 +189,8 @@ class SpeculativePredictor:
         """The rank a prompt's tokens are predicted to use most over all MoE layers (ties to the lowest rank);
         ``default`` when none of its ids is known with enough support."""
         idx, known = self._token_lookup(np.asarray(prompt_token_ids))
+        if self.ngram_only:
+            return int(default)
         known &= self.support_V[idx] >= self.options.min_support
         if not known.any():
             return int(default)
@@ -184,11 +201,12 @@ class SpeculativePredictor:
         """Per layer on ``trace`` (held-out data): how often the predicted rank is one of the token's expert
         ranks (holds a copy of one of its experts), how many predictions are confident, and the accuracy of the
         confident ones."""
-        if not trace.has_token_ids:
+        if not trace.has_token_ids and not self.ngram_only:
             raise TraceError("the trace has no vocabulary ids (token_ids): predictor accuracy cannot be measured")
         self.check_placement(placement)
         ranks_TLK = _ranks(trace, placement)
-        rank_TL, confident_TL = self.predict_ranks(trace.token_ids_T, ranks_TLK[:, :, 0])
+        ids_T = None if self.ngram_only else trace.token_ids_T
+        rank_TL, confident_TL = self.predict_ranks(ids_T, ranks_TLK[:, :, 0])
         in_R_TLG = _rank_sets(trace, placement)
         hit_TL = (rank_TL >= 0) & np.take_along_axis(in_R_TLG, np.maximum(rank_TL, 0)[:, :, None], axis=2)[:, :, 0]
         n_conf_L = confident_TL.sum(axis=0)
