@@ -25,7 +25,8 @@ The traffic model (binding: the runtime's counters must equal these numbers on a
                          whose last decoder layer is an MoE layer (all epserve's families); a dense layer's
                          rs/ag and a trailing dense layer are not counted.
     local activations    #{k : r_k == c}; LAR = local activations / (T x L x K)
-    padding rows         G x C - Ts per step-layer (rows of the chunks that hold no token)
+    padding rows         G x C - Ts per step-layer (rows of the chunks that hold no token; C is the chunks' width:
+                         ceil(Ts / G), or balanced_chunks' ceil(capacity_factor x Ts / G) for tp_speculative)
     bytes                transfers x hidden_size x (partial_bytes for rs, dtype_bytes otherwise); the dispatch
                          rows' metadata (top-k ids, weights) is the cost model's business (cost_model_tp.py).
 tp_speculative's prediction for MoE layer l: ``SpeculativePredictor.predict_ranks(token_ids_T, top1_rank_TL)``
@@ -46,7 +47,7 @@ import numpy as np
 from placement.errors import InputError, PlacementError
 from placement.placement import Placement
 from placement.simulate import CommReport, SimOptions, Strategy, simulate
-from placement.tp_shuffle import balanced_chunks, chunk_rows, contiguous_chunks
+from placement.tp_shuffle import balanced_chunks, contiguous_chunks
 from placement.trace import RoutingTrace
 
 TP_STRATEGIES = ("tp_two_a2a", "tp_speculative")
@@ -158,10 +159,11 @@ class TPReport:
 
 def simulate_tp(trace: RoutingTrace, placement: Placement, *, strategy: str, predictor=None,
                 tokens_per_step: int = 64, hidden_size: int | None = None, dtype_bytes: int = 2,
-                partial_bytes: int | None = None) -> TPReport:
+                partial_bytes: int | None = None, capacity_factor: float = 1.0) -> TPReport:
     """Replay ``trace`` as consecutive steps of ``tokens_per_step`` rows under ``placement`` with a TP strategy
     (module docstring: the traffic model). ``predictor`` (SpeculativePredictor) is required by tp_speculative.
-    ``partial_bytes`` default: 4 when dtype_bytes == 2, else dtype_bytes."""
+    ``partial_bytes`` default: 4 when dtype_bytes == 2, else dtype_bytes. ``capacity_factor``: balanced_chunks'
+    rows per rank (tp_speculative; 1: C = ceil(Ts / G), as contiguous_chunks)."""
     if strategy not in TP_STRATEGIES:
         raise InputError(f"tp strategy must be one of {', '.join(TP_STRATEGIES)}, got {strategy!r}")
     for name, value in (("tokens_per_step", tokens_per_step), ("dtype_bytes", dtype_bytes),
@@ -178,16 +180,21 @@ def simulate_tp(trace: RoutingTrace, placement: Placement, *, strategy: str, pre
     pred_TL = _predictions(trace, placement, predictor) if strategy == "tp_speculative" else None
 
     chunk_rank_TL = np.empty((T, L), dtype=np.int64)
-    wire_rows, padding, steps = 0, 0, 0
+    C_L = np.zeros(L, dtype=np.int64)          # sum over steps of the chunk rows per rank
+    steps = 0
     for s0 in range(0, T, tokens_per_step):
         Ts = min(tokens_per_step, T - s0)
-        C = chunk_rows(Ts, G)
-        wire_rows, padding, steps = wire_rows + (G - 1) * G * C, padding + G * C - Ts, steps + 1
+        steps += 1
         if pred_TL is None:
-            chunk_rank_TL[s0:s0 + Ts] = chunk_ranks_T(contiguous_chunks(Ts, G), Ts)[:, None]
+            order_GC = contiguous_chunks(Ts, G)
+            chunk_rank_TL[s0:s0 + Ts] = chunk_ranks_T(order_GC, Ts)[:, None]
+            C_L += order_GC.shape[1]
         else:
             for l in range(L):
-                chunk_rank_TL[s0:s0 + Ts, l] = chunk_ranks_T(balanced_chunks(pred_TL[s0:s0 + Ts, l], G), Ts)
+                order_GC = balanced_chunks(pred_TL[s0:s0 + Ts, l], G, capacity_factor=capacity_factor)
+                chunk_rank_TL[s0:s0 + Ts, l] = chunk_ranks_T(order_GC, Ts)
+                C_L[l] += order_GC.shape[1]
+    wire_rows_L, padding_L = (G - 1) * G * C_L, G * C_L - T
 
     choice_LEG = placement.copy_choice_LEG
     ranks_TLK = choice_LEG[layer_L[None, :, None], experts_TLK, chunk_rank_TL[:, :, None]]
@@ -207,8 +214,8 @@ def simulate_tp(trace: RoutingTrace, placement: Placement, *, strategy: str, pre
     last_off_L = (layer_L < L - 1).astype(np.int64)          # no all-gather after the last MoE layer
     transfers = {"rs": collective_L, "dispatch": dispatch_L, "combine": dispatch_L.copy(),
                  "ag": collective_L * last_off_L}
-    wire = {"rs": np.full(L, wire_rows, dtype=np.int64), "dispatch": dispatch_L.copy(),
-            "combine": dispatch_L.copy(), "ag": np.full(L, wire_rows, dtype=np.int64) * last_off_L}
+    wire = {"rs": wire_rows_L, "dispatch": dispatch_L.copy(), "combine": dispatch_L.copy(),
+            "ag": wire_rows_L * last_off_L}
     cross_collective_L = np.full(L, (G - P) * T, dtype=np.int64)
     cross = {"rs": cross_collective_L, "dispatch": cross_dispatch_L, "combine": cross_dispatch_L.copy(),
              "ag": cross_collective_L * last_off_L}
@@ -225,7 +232,7 @@ def simulate_tp(trace: RoutingTrace, placement: Placement, *, strategy: str, pre
         strategy=strategy, num_tokens=T, top_k=K, nodes=placement.cluster.nodes, gpus_per_node=P,
         tokens_per_step=int(tokens_per_step), steps=steps,
         transfers_L={p: as_int(v) for p, v in transfers.items()}, wire_rows_L={p: as_int(v) for p, v in wire.items()},
-        cross_node_L={p: as_int(v) for p, v in cross.items()}, padding_rows_L=np.full(L, padding, dtype=np.int64),
+        cross_node_L={p: as_int(v) for p, v in cross.items()}, padding_rows_L=as_int(padding_L),
         local_activations_L=local_L, dispatch_flows_LGG=flows_LGG, chunk_rank_TL=chunk_rank_TL,
         predicted_L=None if predicted is None else as_int(predicted), hits_L=None if hits is None else as_int(hits),
         landed_L=None if landed is None else as_int(landed), hidden_size=hidden_size, dtype_bytes=int(dtype_bytes),
