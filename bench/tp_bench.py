@@ -45,7 +45,8 @@ TOKENS_PER_STEP = 64
 FLAME_HIDDEN = 1024   # ASSUMED: the FLAME trace does not carry the model's hidden size
 
 
-def run_case(name: str, trace: RoutingTrace, *, model: ModelShape, ngram_only: bool, time_limit: float) -> list[dict]:
+def run_case(name: str, trace: RoutingTrace, *, model: ModelShape, ngram_only: bool, time_limit: float,
+             capacity_factor: float) -> list[dict]:
     fit, held = trace.split(0.6)
     out = []
     for nodes, per in CLUSTERS:
@@ -56,7 +57,8 @@ def run_case(name: str, trace: RoutingTrace, *, model: ModelShape, ngram_only: b
         predictor = fitted.predictor if not ngram_only else \
             SpeculativePredictor.build(fit, fitted.placement, PredictorOptions(), ngram_only=True)
         cmp = compare_tp(held, fitted.placement, predictor=predictor, tokens_per_step=TOKENS_PER_STEP,
-                         hidden_size=model.hidden_size, dtype_bytes=model.dtype_bytes)
+                         hidden_size=model.hidden_size, dtype_bytes=model.dtype_bytes,
+                         capacity_factor=capacity_factor)
         rows = cmp.rows()
         reports = [cmp.tp_speculative, cmp.tp_two_a2a, cmp.dp]
         for row, report in zip(rows, reports):
@@ -117,19 +119,23 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", default=None, help="the FLAME-MoE-290M encoder trace (.npz)")
     ap.add_argument("--time-limit", type=float, default=20.0, help="solver seconds per placement")
     ap.add_argument("--skip-flame", action="store_true")
+    ap.add_argument("--capacity-factor", type=float, default=2.0,
+                    help="tp_speculative's chunk rows per rank, ceil(factor x T / G) (the runtime's default: 2)")
     args = ap.parse_args(argv)
     default_model = ModelShape.from_fields(hidden_size=128, num_layers=6, moe_layers=6, top_k=2, dtype_bytes=4,
                                            num_kv_heads=2, head_dim=32, num_experts=16, name="default")
     cases = run_case("default model (held-out 40%)", RoutingTrace.load(DEFAULT_TRACE), model=default_model,
-                     ngram_only=False, time_limit=args.time_limit)
+                     ngram_only=False, time_limit=args.time_limit, capacity_factor=args.capacity_factor)
     if not args.skip_flame:
         path = require_flame_trace(args.trace, "tp_bench")
         flame = ModelShape(hidden_size=FLAME_HIDDEN, top_k=6, moe_layers=8, attention_layers=9,
                            kv_entry_bytes=2 * FLAME_HIDDEN * 2, dtype_bytes=2, num_experts=64, name="flame-290m")
         cases += run_case(f"FLAME-MoE-290M encoder ({path.name}, held-out 40%)", RoutingTrace.load(path),
-                          model=flame, ngram_only=True, time_limit=args.time_limit)
+                          model=flame, ngram_only=True, time_limit=args.time_limit,
+                          capacity_factor=args.capacity_factor)
     result = {"command": "nice -n 10 python bench/tp_bench.py " + " ".join(argv or sys.argv[1:]),
-              "note": (f"{TOKENS_PER_STEP} tokens per step. Bytes: hidden x dtype per transfer (rs in float32 "
+              "note": (f"{TOKENS_PER_STEP} tokens per step; tp_speculative's capacity factor "
+                       f"{args.capacity_factor}. Bytes: hidden x dtype per transfer (rs in float32 "
                        f"partials), all four phases. FLAME hidden size {FLAME_HIDDEN} is an assumption. Modelled "
                        "time: the MoE layers' collectives only (TP: rs + counts + dispatch + combine + ag, "
                        "placement/cost_model_tp.py; DP: placement/cost_model.py predict's layer_s: counts + "

@@ -304,13 +304,14 @@ class TPComparison:
 
 
 def compare_tp(trace: RoutingTrace, placement: Placement, *, predictor=None, tokens_per_step: int = 64,
-               hidden_size: int | None = None, dtype_bytes: int = 2, partial_bytes: int | None = None) -> TPComparison:
-    """tp_speculative (when ``predictor`` is given) and tp_two_a2a (simulate_tp) beside DP two_a2a
-    (placement/simulate.py, default home ranks: seq_id % G, else row % G)."""
+               hidden_size: int | None = None, dtype_bytes: int = 2, partial_bytes: int | None = None,
+               capacity_factor: float = 1.0) -> TPComparison:
+    """tp_speculative (when ``predictor`` is given; ``capacity_factor`` as its chunks) and tp_two_a2a
+    (simulate_tp) beside DP two_a2a (placement/simulate.py, default home ranks: seq_id % G, else row % G)."""
     kw = dict(tokens_per_step=tokens_per_step, hidden_size=hidden_size, dtype_bytes=dtype_bytes,
               partial_bytes=partial_bytes)
     spec = None if predictor is None else simulate_tp(trace, placement, strategy="tp_speculative",
-                                                      predictor=predictor, **kw)
+                                                      predictor=predictor, capacity_factor=capacity_factor, **kw)
     base = simulate_tp(trace, placement, strategy="tp_two_a2a", **kw)
     dp = simulate(trace, placement, Strategy.TWO_A2A, options=SimOptions(hidden_size=hidden_size,
                                                                           dtype_bytes=dtype_bytes))
