@@ -1,6 +1,7 @@
 """Tensor-parallel attention (``--attention tp``, tp_two_a2a) is lossless: at 1, 2 and 4 ranks (4 as 2 nodes x 2)
-the greedy tokens equal the one-process model's for top-2 Mixtral, top-8 Qwen3 and OLMoE (q/k norm over all
-heads), in float32 and bfloat16, with the a2a and fixed transports. Each rank keeps only its heads (weights and
+the greedy tokens equal the one-process model's for top-1 and top-2 Mixtral, top-8 Qwen3 and OLMoE (q/k norm over
+all heads), in float32 and bfloat16, with the a2a and fixed transports, contiguous / solved / replicated (v2)
+placements, tp_two_a2a and tp_speculative. Each rank keeps only its heads (weights and
 KV cache; key-value heads replicated when the ranks outnumber them), and the reduce-scatter and all-gather
 around every decoder layer move (G - 1) rows per step token each (the last layer: no all-gather), counted."""
 
@@ -12,7 +13,7 @@ from comm.spawn import spawn_ranks
 from epserve.model.config import ModelConfig
 from placement.transport import Transport
 from comm.strategy import Strategy
-from tests.dist._runner_cases import build_predictor, reference, solved_placement
+from tests.dist._runner_cases import build_predictor, reference, replicated_placement, solved_placement
 from tests.dist._tp_cases import NEW, PROMPTS, TPCase, run_tp_cases
 
 GPUS_PER_NODE = {1: 1, 2: 2, 4: 2}
@@ -21,10 +22,11 @@ GPUS_PER_NODE = {1: 1, 2: 2, 4: 2}
 @pytest.fixture(scope="module")
 def tp_runs(tiny_checkpoint, tmp_path_factory):
     models = {"mixtral_top2": tiny_checkpoint("mixtral"),
+              "mixtral_top1": tiny_checkpoint("mixtral", num_experts_per_tok=1),
               "qwen3_top8": tiny_checkpoint("qwen3_moe", num_experts=16, num_experts_per_tok=8),
               "olmoe": tiny_checkpoint("olmoe")}
     cases = [TPCase(f"{name}/{dtype}", ckpt, dtype) for name, ckpt in models.items()
-             for dtype in ("float32", "bfloat16")]
+             for dtype in (("float32",) if name == "mixtral_top1" else ("float32", "bfloat16"))]
     cases.append(TPCase("mixtral_top2/float32/fixed", models["mixtral_top2"], transport=Transport.FIXED))
     done = {}
 
@@ -34,12 +36,15 @@ def tp_runs(tiny_checkpoint, tmp_path_factory):
                 ckpt, tmp = models["mixtral_top2"], tmp_path_factory.mktemp(f"tp{G}")
                 placement = solved_placement(ckpt, G, GPUS_PER_NODE[G])
                 predictor = build_predictor(ckpt, placement, tmp / "predictor.npz")
-                cases.extend([TPCase("mixtral_top2/solved/tp_two_a2a", ckpt, placement=placement),
+                cfg = ModelConfig.from_dir(ckpt)
+                replicated = replicated_placement(cfg.num_moe_layers, cfg.num_experts, G, GPUS_PER_NODE[G], seed=G)
+                cases.extend([TPCase("mixtral_top2/replicated/tp_two_a2a", ckpt, placement=replicated),
+                              TPCase("mixtral_top2/solved/tp_two_a2a", ckpt, placement=placement),
                               TPCase("mixtral_top2/solved/tp_speculative", ckpt, strategy=Strategy.SPECULATIVE,
                                      placement=placement, predictor_path=predictor)])
             done[G] = (list(cases), spawn_ranks(run_tp_cases, G, (cases,), gpus_per_node=GPUS_PER_NODE[G],
                                                 timeout_s=300))
-            del cases[len(cases) - (2 if G > 1 else 0):]
+            del cases[len(cases) - (3 if G > 1 else 0):]
         return done[G]
 
     return get
