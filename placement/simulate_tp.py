@@ -159,11 +159,13 @@ class TPReport:
 
 def simulate_tp(trace: RoutingTrace, placement: Placement, *, strategy: str, predictor=None,
                 tokens_per_step: int = 64, hidden_size: int | None = None, dtype_bytes: int = 2,
-                partial_bytes: int | None = None, capacity_factor: float = 1.0) -> TPReport:
+                partial_bytes: int | None = None, capacity_factor: float = 1.0,
+                step_sizes: list[int] | None = None) -> TPReport:
     """Replay ``trace`` as consecutive steps of ``tokens_per_step`` rows under ``placement`` with a TP strategy
     (module docstring: the traffic model). ``predictor`` (SpeculativePredictor) is required by tp_speculative.
     ``partial_bytes`` default: 4 when dtype_bytes == 2, else dtype_bytes. ``capacity_factor``: balanced_chunks'
-    rows per rank (tp_speculative; 1: C = ceil(Ts / G), as contiguous_chunks)."""
+    rows per rank (tp_speculative; 1: C = ceil(Ts / G), as contiguous_chunks). ``step_sizes``: the tokens of each
+    step, in trace order (a recorded run's steps; they must add up to the trace), instead of ``tokens_per_step``."""
     if strategy not in TP_STRATEGIES:
         raise InputError(f"tp strategy must be one of {', '.join(TP_STRATEGIES)}, got {strategy!r}")
     for name, value in (("tokens_per_step", tokens_per_step), ("dtype_bytes", dtype_bytes),
@@ -181,9 +183,12 @@ def simulate_tp(trace: RoutingTrace, placement: Placement, *, strategy: str, pre
 
     chunk_rank_TL = np.empty((T, L), dtype=np.int64)
     C_L = np.zeros(L, dtype=np.int64)          # sum over steps of the chunk rows per rank
-    steps = 0
-    for s0 in range(0, T, tokens_per_step):
-        Ts = min(tokens_per_step, T - s0)
+    if step_sizes is None:
+        step_sizes = [min(tokens_per_step, T - s0) for s0 in range(0, T, tokens_per_step)]
+    elif sum(step_sizes) != T or min(step_sizes, default=1) < 1:
+        raise InputError(f"step_sizes must be positive and add up to the trace's {T} tokens, got {sum(step_sizes)}")
+    steps, s0 = 0, 0
+    for Ts in step_sizes:
         steps += 1
         if pred_TL is None:
             order_GC = contiguous_chunks(Ts, G)
@@ -194,6 +199,7 @@ def simulate_tp(trace: RoutingTrace, placement: Placement, *, strategy: str, pre
                 order_GC = balanced_chunks(pred_TL[s0:s0 + Ts, l], G, capacity_factor=capacity_factor)
                 chunk_rank_TL[s0:s0 + Ts, l] = chunk_ranks_T(order_GC, Ts)
                 C_L[l] += order_GC.shape[1]
+        s0 += Ts
     wire_rows_L, padding_L = (G - 1) * G * C_L, G * C_L - T
 
     choice_LEG = placement.copy_choice_LEG

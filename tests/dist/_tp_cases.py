@@ -34,7 +34,7 @@ def run_tp_cases(topology, cases: list[TPCase]) -> list[dict]:
         runner = build_runner(case.ckpt, topology, strategy=case.strategy, attention=AttentionLayout.TP,
                               kv_cache_tokens=512, kv_block_size=4, check_splits=True, transport=case.transport,
                               dtype=DTYPES[case.dtype], placement=case.placement,
-                              predictor_path=case.predictor_path)
+                              predictor_path=case.predictor_path, record_tokens=4096)
         step_tokens = []
 
         def count(plan):
@@ -42,6 +42,7 @@ def run_tp_cases(topology, cases: list[TPCase]) -> list[dict]:
             return plan
 
         gen = generate(runner, [list(p) for p in PROMPTS], NEW, before_step=count)
+        trace = runner.recorder.gather(runner.coll)   # collective: the run's routing, in step order
         attn = runner.model.layers[0].attn
         rs = runner.counters.total(CollKind.REDUCE_SCATTER)
         out.append({"tokens": gen.tokens, "steps": gen.steps, "heads": (attn.num_heads, attn.num_kv_heads),
@@ -51,5 +52,6 @@ def run_tp_cases(topology, cases: list[TPCase]) -> list[dict]:
                     "ag_rows": runner.counters.total(CollKind.ALL_GATHER, phase="tp_gather").rows,
                     "ag_calls": runner.counters.total(CollKind.ALL_GATHER, phase="tp_gather").calls,
                     "step_tokens": step_tokens, "label": runner.strategy_label,
+                    "trace": trace if topology.rank == 0 else None,
                     "dispatch_rows": runner.counters.total(CollKind.ALL_TO_ALL).rows})
     return out

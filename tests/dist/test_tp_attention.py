@@ -101,3 +101,26 @@ def test_tp_speculative_dispatches_fewer_rows_than_tp_two_a2a(tp_runs, G):
     assert per_rank[0][spec]["label"] == "tp_speculative" and per_rank[0][base]["label"] == "tp_two_a2a"
     rows = {i: sum(per_rank[r][i]["dispatch_rows"] for r in range(G)) for i in (base, spec)}
     assert rows[spec] < 0.7 * rows[base], rows
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("G", [2, 4])
+def test_counters_equal_the_tp_simulator(tp_runs, G):
+    """placement/simulate_tp.py replays the run's recorded routing with its steps: every phase's transfers
+    (reduce-scatter, dispatch + combine, all-gather) equal what the ranks counted, under both TP strategies."""
+    from placement.predictor import SpeculativePredictor
+    from placement.simulate_tp import simulate_tp
+    cases, per_rank = tp_runs(G)
+    for i, case in enumerate(cases):
+        if case.placement is None:
+            continue
+        res0 = per_rank[0][i]
+        strategy = "tp_speculative" if case.predictor_path else "tp_two_a2a"
+        predictor = SpeculativePredictor.load(case.predictor_path) if case.predictor_path else None
+        sim = simulate_tp(res0["trace"], case.placement, strategy=strategy, predictor=predictor,
+                          step_sizes=[t for t in res0["step_tokens"] if t], capacity_factor=2.0)
+        total = {phase: int(v.sum()) for phase, v in sim.transfers_L.items()}
+        assert sum(per_rank[r][i]["dispatch_rows"] for r in range(G)) == total["dispatch"] + total["combine"], \
+            case.name
+        assert sum(per_rank[r][i]["rs_rows"] for r in range(G)) == total["rs"], case.name
+        assert sum(per_rank[r][i]["ag_rows"] for r in range(G)) == total["ag"], case.name
