@@ -46,6 +46,7 @@ from comm.spawn import spawn_ranks  # noqa: E402
 from comm.strategy import Strategy  # noqa: E402
 from epserve.engine.builder import build_runner  # noqa: E402
 from epserve.engine.plan import SeqWork, StepPlan  # noqa: E402
+from epserve.model.config import ModelConfig  # noqa: E402
 from placement.cluster import ClusterShape  # noqa: E402
 from placement.placement import Placement, contiguous_placement  # noqa: E402
 from placement.trace import RoutingTrace  # noqa: E402
@@ -151,9 +152,7 @@ def _one_run(topology, runner, wl: Workload):
 
 # ---- rank side: one MoE layer, DeepSpeed vs ours -------------------------------------------------------
 def layer_rank(topology, spec: Spec) -> dict:
-    # The ranks run on the CPU (gloo): naming DeepSpeed's accelerator skips its detection, which otherwise warns
-    # "Setting accelerator to CPU ..." once per rank. Its errors and other warnings are untouched.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")   # CPU ranks: skips DeepSpeed's detection warning per rank
     import deepspeed
     from deepspeed.moe.layer import MoE
 
@@ -442,7 +441,6 @@ def main(argv=None) -> int:
 
 def _kv_row_setup(ckpt: Path) -> dict:
     """The K/V row coherent EP copies per token-layer: (heads, key width, value width) and its size."""
-    from epserve.model.config import ModelConfig
     cfg = ModelConfig.from_dir(ckpt)
     return {"kv_row": list(cfg.kv_row), "kv_values_per_token_layer": cfg.kv_values_per_token_layer,
             "hidden_over_kv_row": cfg.hidden_size / cfg.kv_values_per_token_layer}
@@ -450,7 +448,6 @@ def _kv_row_setup(ckpt: Path) -> dict:
 
 def _main_deepseek(args, t0: float) -> int:
     """--family deepseek_v3: part A on the MLA checkpoint; B and C are skipped (see the module docstring)."""
-    from epserve.model.config import ModelConfig
     G = args.world_size
     ckpt = build_checkpoint(args.out, MODEL_DSV3, "deepseek_v3")
     cfg = ModelConfig.from_dir(ckpt)

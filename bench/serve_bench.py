@@ -48,11 +48,9 @@ import httpx  # noqa: E402
 import _serve_bench_cap as cap  # noqa: E402
 import _serve_bench_load as load  # noqa: E402
 from _serve_bench_report import render  # noqa: E402
-from comm.spawn import free_port  # noqa: E402
 from epserve.model.config import ModelConfig  # noqa: E402
 from launch.serve_cmd import default_model_dir  # noqa: E402
-from launch.serve_process import ServeProcess  # noqa: E402
-from serve_load import CONFIGS, PROMPTS, RANKS, solve_placement  # noqa: E402
+from serve_load import CONFIGS, PROMPTS, RANKS, solve_placement, start_server, wait_ready  # noqa: E402
 
 DEFAULT_CONFIGS = "two_a2a+contiguous,two_a2a+solved,coherent+solved"
 QUICK_CONFIGS = "two_a2a+contiguous,coherent+solved"
@@ -93,15 +91,9 @@ def run_phase(server, kind: str, args, rate: float | None = None) -> dict:
 
 def run_config(cfg, placement: Path, work: Path, args, model_cfg: ModelConfig, peaks: dict,
                expected: list[str]) -> dict:
-    argv = ["--nproc-per-node", str(RANKS), "--strategy", cfg.strategy, "--transport", cfg.transport,
-            "--max-running", str(args.max_running)]
-    if cfg.solved:
-        argv += ["--placement", str(placement)]
-    server = ServeProcess(argv, port=free_port(), log_path=work / f"{cfg.name}.log")
+    server = start_server(cfg, placement, work, max_running=args.max_running)
     try:
-        t0 = time.perf_counter()
-        server.wait_ready(args.ready_timeout)
-        startup = time.perf_counter() - t0
+        startup = wait_ready(server, args.ready_timeout)
         _say(f"{cfg.name}: server ready in {startup:.0f} s")
         load.closed_loop(server.url, PROMPTS[:2], clients=2, max_tokens=4, deadline_s=60)   # warm-up
         accuracy = cap.accuracy(server.url, ACCURACY_PROMPTS, expected, args.accuracy_tokens)

@@ -151,16 +151,26 @@ def server_figures(url: str) -> dict:
             "imbalance_mean": float(np.mean([l["imbalance"] for l in layers])) if layers else None}
 
 
-def run_config(cfg: Config, placement: Path, work: Path, args) -> dict:
+def start_server(cfg: Config, placement: Path, work: Path, *, max_running: int) -> ServeProcess:
+    """`epserve serve` for ``cfg`` on RANKS ranks (not yet ready: call wait_ready)."""
     argv = ["--nproc-per-node", str(RANKS), "--strategy", cfg.strategy, "--transport", cfg.transport,
-            "--max-running", str(args.clients)]
+            "--max-running", str(max_running)]
     if cfg.solved:
         argv += ["--placement", str(placement)]
-    server = ServeProcess(argv, port=free_port(), log_path=work / f"{cfg.name}.log")
+    return ServeProcess(argv, port=free_port(), log_path=work / f"{cfg.name}.log")
+
+
+def wait_ready(server: ServeProcess, timeout_s: float) -> float:
+    """Seconds until the server answered /health."""
+    t0 = time.perf_counter()
+    server.wait_ready(timeout_s)
+    return time.perf_counter() - t0
+
+
+def run_config(cfg: Config, placement: Path, work: Path, args) -> dict:
+    server = start_server(cfg, placement, work, max_running=args.clients)
     try:
-        t0 = time.perf_counter()
-        server.wait_ready(args.ready_timeout)
-        startup = time.perf_counter() - t0
+        startup = wait_ready(server, args.ready_timeout)
         with httpx.Client(base_url=server.url, timeout=120) as c:   # warm-up
             one_request(c, PROMPTS[0], 4)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from comm.spawn import free_port
 from comm.strategy import Strategy
 from epserve.model.config import ModelConfig
+from launch.supervise import forward_signals, relay_stderr, say_if_node0_is_gone
 from launch.auto_choice import AUTO, check_transport_options, resolve_auto
 from placement.transport import Transport
 from placement.errors import InputError, PlacementError
@@ -39,7 +39,6 @@ from placement.placement import Placement, contiguous_placement
 from placement.cluster import ClusterShape
 
 API_KEY_ENV = "EPSERVE_API_KEY"
-STOP_GRACE_S = 20.0        # each step of a requested stop gets this long before the next, harder one
 WORKER_SHUTDOWN_S = 10     # torchrun: SIGTERM to a worker, then SIGKILL after this long
 ENGINE_STOP_S = 5.0        # rank 0 waits this long for the engine's shutdown plan to go round
 ENGINE_HEARTBEAT_S = 0.5   # the engine's idle plan interval (EngineConfig default)
@@ -373,118 +372,18 @@ def run_serve(args) -> int:
               file=sys.stderr, flush=True)
     child = subprocess.Popen(torchrun_argv(args, pre), env=worker_env(args), start_new_session=True,
                              stderr=subprocess.PIPE)
-    relay = threading.Thread(target=_relay_stderr, args=(child.stderr,), daemon=True, name="stderr-relay")
+    relay = threading.Thread(target=relay_stderr, args=(child.stderr,), daemon=True, name="stderr-relay")
     relay.start()
-    stop = _forward_signals(child, drain_s=args.drain_timeout)
+    stop = forward_signals(child, drain_s=args.drain_timeout)
     if args.node_rank == 0:
         threading.Thread(target=_announce, args=(child, args, pre), daemon=True).start()
     code = child.wait()
     relay.join(timeout=5.0)
     if code != 0 and not stop.is_set() and args.node_rank != 0:
-        _say_if_node0_is_gone(args.master_addr, args.master_port)
+        say_if_node0_is_gone(args.master_addr, args.master_port)
     if stop.is_set() and code == 0:
         print("epserve serve: stopped", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code
-
-
-def _say_if_node0_is_gone(host: str, port: int | None) -> None:
-    """Nodes > 0, after torchrun failed: one line when node 0's rendezvous store no longer answers (its torchrun
-    agent outlives its workers: no answer means node 0 or the link to it is down)."""
-    if port is None:
-        return
-    try:
-        socket.create_connection((host, port), timeout=3.0).close()
-    except OSError as exc:
-        print(f"epserve serve: lost contact with node 0 ({host}:{port} does not answer: {exc.strerror or exc}); "
-              f"this node's ranks stopped", file=sys.stderr, flush=True)
-
-
-def _relay_stderr(stream) -> None:
-    """torchrun's and the workers' stderr to ours, less torchrun's own Python traceback of ChildFailedError (the
-    failure summary that follows it names the failed rank, and the workers' one-line messages say what was lost;
-    any other traceback passes unchanged)."""
-    out, held = sys.stderr.buffer, []
-    for line in iter(stream.readline, b""):
-        if not held and line.startswith(b"Traceback (most recent call last):"):
-            held = [line]
-            continue
-        if held:
-            held.append(line)
-            if line.startswith((b" ", b"\t")):   # still inside the traceback
-                continue
-            out.write(line if b"ChildFailedError" in line else b"".join(held))
-            held = []
-        else:
-            out.write(line)
-        out.flush()
-    out.write(b"".join(held))
-    out.flush()
-
-
-def _forward_signals(child: subprocess.Popen, *, drain_s: float) -> threading.Event:
-    """Stop in steps, each one bounded (torchrun runs in its own session: it never sees the terminal's signals,
-    so it never raises its SignalException; the workers are told, and rank 0 ends the group):
-    SIGTERM --> SIGTERM to the workers: rank 0 drains (503 to new requests, /health 503, the requests in flight
-                finish for up to --drain-timeout), then stops the group; exit status 0
-    SIGINT  --> SIGINT to the workers: rank 0 stops at once (requests in flight end with an error); status 0
-    a second signal --> SIGINT to the workers (stop now)
-    a third, or the first step's bound (drain + STOP_GRACE_S) --> SIGTERM to torchrun (it stops its workers;
-    SIGKILL after WORKER_SHUTDOWN_S) --> STOP_GRACE_S later --> SIGKILL to torchrun (workers die with it)."""
-    stop = threading.Event()
-    received, escalated = [0], [0]
-
-    def escalate() -> None:
-        if child.poll() is not None or escalated[0] >= 2:
-            return
-        escalated[0] += 1
-        _send(child, signal.SIGTERM if escalated[0] == 1 else signal.SIGKILL)
-        _after(STOP_GRACE_S, escalate)
-
-    def handler(sig, _frame) -> None:
-        stop.set()
-        received[0] += 1
-        if received[0] == 1:
-            _signal_workers(child, sig)
-            _after(STOP_GRACE_S + (drain_s if sig == signal.SIGTERM else 0.0), escalate)
-        elif received[0] == 2:
-            _signal_workers(child, signal.SIGINT)
-        else:
-            escalate()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
-
-
-def _after(seconds: float, fn) -> None:
-    timer = threading.Timer(seconds, fn)
-    timer.daemon = True
-    timer.start()
-
-
-def _send(child: subprocess.Popen, sig: int) -> None:
-    if child.poll() is None:
-        try:
-            child.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def _signal_workers(child: subprocess.Popen, sig: int) -> None:
-    """``sig`` to torchrun's children (the workers, each in its own session); torchrun itself if none found."""
-    pids = []
-    for children in Path(f"/proc/{child.pid}/task").glob("*/children"):
-        try:
-            pids += [int(p) for p in children.read_text().split()]
-        except OSError:
-            continue
-    if not pids:
-        _send(child, sig)
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _announce(child: subprocess.Popen, args, pre: Preflight) -> None:

@@ -27,12 +27,11 @@ from epserve.engine.replace_control import ReplaceBusyError, ReplaceUnavailableE
 from epserve.model.config import ModelConfig
 from epserve.server import errors, protocol
 from epserve.server import schemas as S
+from epserve.server.placement_input import posted_placement
 from epserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from epserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from epserve.server.streaming import SSE_DONE, TextEvent, TextStream, merge, sse
 from epserve.server.text import ChatTemplateError, Tokenizer
-from placement.errors import PlacementError
-from placement.moves import check_replaceable
 from placement.placement import Placement
 
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/placement")
@@ -374,16 +373,7 @@ class _Server:
                 self.engine.solve_placement()
                 return JSONResponse({"status": "solving", "version": self.engine.placement_status()["version"]},
                                     status_code=202)
-            running = Placement.from_dict(self.engine.placement_document())
-            try:
-                _check_shape(doc, running)   # before building the tables, whose size the document sets
-                placement = Placement.from_dict(doc)
-                check_replaceable(running, placement)
-            except PlacementError as exc:
-                raise errors.bad_request(f"placement: {exc}", param=_placement_param(str(exc), doc)) from None
-            except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:   # a malformed field
-                raise errors.bad_request(f"placement: not a valid placement document ({type(exc).__name__}: "
-                                         f"{exc})", param=None) from None
+            placement = posted_placement(doc, Placement.from_dict(self.engine.placement_document()))
             version = self.engine.replace_placement(placement)
         except ReplaceBusyError as exc:
             raise errors.APIError(409, str(exc), code="placement_busy") from None
@@ -392,33 +382,6 @@ class _Server:
         except EngineUnavailableError as exc:
             raise errors.engine_unavailable(str(exc)) from None
         return JSONResponse({"status": "swapping", "version": version}, status_code=202)
-
-
-def _check_shape(doc: dict, running: Placement) -> None:
-    """The document's header against the running placement's (PlacementError naming the field)."""
-    cluster = doc.get("cluster")
-    for name, want in (("num_layers", running.num_layers), ("num_experts", running.num_experts)):
-        if name in doc and doc[name] != want:
-            raise PlacementError(f"{name}: the new placement has {doc[name]!r}, the running one {want}")
-    for name in ("nodes", "gpus_per_node"):
-        if isinstance(cluster, dict) and name in cluster and cluster[name] != getattr(running.cluster, name):
-            raise PlacementError(f"cluster.{name}: the new placement has {cluster[name]!r}, the running cluster "
-                                 f"{getattr(running.cluster, name)}")
-
-
-def _placement_param(message: str, doc: dict) -> str | None:
-    """The placement field a PlacementError message is about (its messages name it in words)."""
-    head = message.split(":", 1)[0]
-    if head in ("num_layers", "num_experts", "slots_per_gpu") or head.startswith("cluster."):
-        return head
-    if message.startswith("layer ") or "expert_to_gpu" in message:
-        return "expert_to_gpus" if "expert_to_gpus" in doc or doc.get("version") == 2 else "expert_to_gpu"
-    if "missing '" in message:
-        return message.split("missing '", 1)[1].split("'", 1)[0]
-    for field in ("version", "cluster", "slots_per_gpu", "num_layers"):
-        if message.startswith(f"placement {field}") or message.startswith(field):
-            return field
-    return None
 
 
 def _usage(streams: list[TextStream]) -> dict:
