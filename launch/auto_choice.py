@@ -30,9 +30,12 @@ def hardware_name(args) -> str:
 
 
 def resolve_auto(args, config: ModelConfig, placement: Placement, predictor_path: Path | None
-                 ) -> tuple[Strategy, Transport, str]:
-    """The concrete (strategy, transport) for ``args`` (either may be ``auto``) and why."""
-    from placement.cost_model import ModelShape, choose
+                 ) -> tuple[Strategy, Transport, str, str]:
+    """The concrete (strategy, transport, attention layout) for ``args`` (strategy or transport ``auto``) and
+    why. With ``--strategy auto`` and no ``--attention``, the TP attention strategies (tp_two_a2a, and
+    tp_speculative with a predictor; transport a2a) are priced too (placement/cost_model_tp.py) and chosen when
+    their modelled step is shorter; ``--attention dp|tp`` keeps the choice to that layout."""
+    from placement.cost_model import ModelShape, choose, predict
     from placement.hardware import load_profile
     from placement.simulate import SimOptions, simulate
 
@@ -56,12 +59,55 @@ def resolve_auto(args, config: ModelConfig, placement: Placement, predictor_path
                                    moe_layers=config.num_moe_layers, top_k=config.top_k, dtype_bytes=dtype_bytes,
                                    num_experts=config.num_experts, **kv)
     options = SimOptions(hidden_size=config.hidden_size, dtype_bytes=dtype_bytes, attention_layers=config.num_layers)
+    tokens = args.tokens_per_step or args.max_running or 32
+    tp = _tp_costs(args, config, placement, trace, predictor, strategies, transports, shape, hardware, tokens)
+    if getattr(args, "attention", None) == "tp":
+        if not tp:
+            raise InputError("--attention tp: no TP candidate to choose from (--transport must be a2a or auto)")
+        best = min(tp, key=lambda s: tp[s][0])
+        return best, Transport.A2A, "tp", f"{_tp_label(best)} has the lowest modelled step among the TP " \
+            f"strategies ({tp[best][0] * 1e3:.3f} ms on {hardware.name}). Routing: {source}."
     candidates = {(s, t): simulate(trace, placement, s, transport=t, options=options,
                                    predictor=predictor if s.needs_predictor else None)
                   for s in strategies for t in transports}
-    tokens = args.tokens_per_step or args.max_running or 32
     (strategy, transport), _, why = choose(candidates, model=shape, hardware=hardware, tokens_per_step=tokens)
-    return strategy, transport, f"{why} Routing: {source}."
+    dp_s = predict(candidates[(strategy, transport)], model=shape, hardware=hardware, tokens_per_step=tokens).step_s
+    if tp:
+        best = min(tp, key=lambda s: tp[s][0])
+        if tp[best][0] < dp_s:
+            return best, Transport.A2A, "tp", f"{_tp_label(best)}+a2a (TP attention) has the lowest modelled " \
+                f"step: {tp[best][0] * 1e3:.3f} ms against {dp_s * 1e3:.3f} ms for {strategy.value}+" \
+                f"{transport.value} on {hardware.name}. Routing: {source}."
+        why += " TP attention considered: " + ", ".join(f"{_tp_label(s)} {c * 1e3:.3f} ms" for s, (c, _) in tp.items())
+        why += " (its reduce-scatter and all-gather cost more than they save)."
+    return strategy, transport, "dp", f"{why} Routing: {source}."
+
+
+def _tp_label(strategy: Strategy) -> str:
+    return "tp_speculative" if strategy is Strategy.SPECULATIVE else "tp_two_a2a"
+
+
+def _tp_costs(args, config, placement, trace, predictor, strategies, transports, shape, hardware, tokens) -> dict:
+    """{Strategy: (modelled step seconds, TPReport)} of the TP candidates the options allow ({} when none)."""
+    if getattr(args, "attention", None) == "dp" or args.strategy != AUTO or Transport.A2A not in transports:
+        return {}
+    from epserve.model.tp import check_tp
+    from placement.cost_model_tp import tp_step_time
+    from placement.simulate_tp import simulate_tp
+    try:
+        check_tp(config, placement.num_gpus)
+    except InputError:
+        return {}
+    out = {}
+    for s in (Strategy.TWO_A2A, Strategy.SPECULATIVE):
+        if s not in strategies or (s.needs_predictor and predictor is None):
+            continue
+        report = simulate_tp(trace, placement, strategy=_tp_label(s), predictor=predictor if s.needs_predictor
+                             else None, tokens_per_step=tokens, hidden_size=config.hidden_size,
+                             dtype_bytes=shape.dtype_bytes, capacity_factor=2.0)
+        cost = tp_step_time(report, hardware, model=shape)
+        out[s] = (sum(cost.phase_s.values()), report)
+    return out
 
 
 def _routing(args, config: ModelConfig):

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                           record_tokens=args.record_tokens if args.record_trace else 0,
                           window_tokens=args.replace_window, transport=Transport.parse(args.transport),
                           capacity=args.capacity, dtype=resolve_dtype(args.dtype, args.model),
-                          attention=AttentionLayout.parse(args.attention))
+                          attention=AttentionLayout.parse(args.attention or "dp"))
     watchdog = Watchdog(EXIT_DEADLINE_S)
     if topology.rank == 0:
         code = serve_rank0(args, runner, watchdog, http_socket, liveness)

@@ -59,8 +59,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="how rows move: a2a (counts exchange + uneven all-to-all), fixed (fixed per-peer buffers, "
                         "no host sync), node_aware (each token crosses to another node once); auto: the cost "
                         "model's choice")
-    p.add_argument("--attention", default="dp", choices=["dp", "tp"],
-                   help="dp: each token's attention on one rank (every strategy); tp: heads sharded over the EP "
+    p.add_argument("--attention", default=None, choices=["dp", "tp"],
+                   help="default dp, or what --strategy auto chooses (it prices both); "
+                        "dp: each token's attention on one rank (every strategy); tp: heads sharded over the EP "
                         "group, each rank caching only its heads' K/V, tokens reduce-scattered into chunks around "
                         "each MoE layer (strategy two_a2a: tp_two_a2a; speculative: tp_speculative, each token "
                         "scattered to the rank predicted to hold its experts; GQA models)")
@@ -137,6 +138,7 @@ class Preflight:
     world_size: int
     strategy: Strategy
     transport: Transport
+    attention: str = "dp"       # dp or tp (--attention, or what --strategy auto chose)
     why: str = ""               # the cost model's reason, when a choice was left to it
 
 
@@ -161,7 +163,7 @@ def preflight(args, *, check_port: bool = True) -> Preflight:
     if args.attention == "tp":
         from epserve.model.tp import check_tp
         check_tp(config, world)
-        if args.strategy not in (Strategy.TWO_A2A.value, Strategy.SPECULATIVE.value):
+        if args.strategy not in (Strategy.TWO_A2A.value, Strategy.SPECULATIVE.value, AUTO):
             raise InputError(f"--attention tp serves --strategy two_a2a (tp_two_a2a) and speculative "
                              f"(tp_speculative); got --strategy {args.strategy}")
     check_transport_options(args)
@@ -170,11 +172,12 @@ def preflight(args, *, check_port: bool = True) -> Preflight:
     if AUTO in (args.strategy, args.transport):
         if args.strategy == AUTO:
             predictor_path = _optional_predictor(args, placement, placement_path)
-        strategy, transport, why = resolve_auto(args, config, placement, predictor_path)
+        strategy, transport, attention, why = resolve_auto(args, config, placement, predictor_path)
         if not strategy.needs_predictor:
             predictor_path = None
     else:
         strategy, transport, why = Strategy.parse(args.strategy), Transport.parse(args.transport), ""
+        attention = args.attention or "dp"
     if args.max_model_len is not None and args.max_model_len > config.max_position_embeddings:
         raise InputError(f"--max-model-len {args.max_model_len} exceeds the model's context "
                          f"({config.max_position_embeddings} positions)")
@@ -193,7 +196,8 @@ def preflight(args, *, check_port: bool = True) -> Preflight:
     if args.node_rank == 0 and check_port:
         _check_port_free(args.host, args.port)
     return Preflight(model_dir=model_dir, config=config, placement=placement, placement_path=placement_path,
-                     predictor_path=predictor_path, world_size=world, strategy=strategy, transport=transport, why=why)
+                     predictor_path=predictor_path, world_size=world, strategy=strategy, transport=transport,
+                     attention=attention, why=why)
 
 
 def _placement(args, path: Path | None, config: ModelConfig, model_name: str) -> Placement:
@@ -325,7 +329,7 @@ def _optional_predictor(args, placement: Placement, placement_path: Path | None)
 def worker_argv(args, pre: Preflight) -> list[str]:
     """``launch.serve``'s arguments: the resolved paths and every model option as given."""
     out = ["--model", str(pre.model_dir), "--strategy", pre.strategy.value, "--transport", pre.transport.value,
-           "--attention", args.attention,
+           "--attention", pre.attention,
            "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
            "--kv-cache-tokens", str(args.kv_cache_tokens), "--record-tokens", str(args.record_tokens),
            "--collective-timeout", str(args.collective_timeout), "--drain-timeout", str(args.drain_timeout),
@@ -368,7 +372,8 @@ def worker_env(args) -> dict[str, str]:
 def run_serve(args) -> int:
     pre = preflight(args)
     if pre.why:
-        print(f"epserve serve: chose --strategy {pre.strategy.value} --transport {pre.transport.value}: {pre.why}",
+        print(f"epserve serve: chose --strategy {pre.strategy.value} --transport {pre.transport.value} "
+              f"--attention {pre.attention}: {pre.why}",
               file=sys.stderr, flush=True)
     child = subprocess.Popen(torchrun_argv(args, pre), env=worker_env(args), start_new_session=True,
                              stderr=subprocess.PIPE)

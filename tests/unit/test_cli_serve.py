@@ -162,6 +162,13 @@ def test_auto_choices_are_resolved_before_torchrun_and_the_workers_get_them(tmp_
     assert (worker.strategy, worker.transport) == ("two_a2a", "node_aware")
     pre = serve_cmd.preflight(_args("--nproc-per-node", "4", "--strategy", "auto", "--port", "8125"))
     assert pre.strategy.value in ("two_a2a", "coherent") and pre.transport.value == "a2a" and pre.why
+    # TP attention is priced too; its reduce-scatter + all-gather lose to the DP strategies on this model
+    assert pre.attention == "dp" and "TP attention considered: tp_two_a2a" in pre.why
+    assert serve.parse_args(serve_cmd.worker_argv(_args("--port", "8125"), pre)).attention == "dp"
+    pre = serve_cmd.preflight(_args("--nproc-per-node", "4", "--strategy", "auto", "--attention", "tp",
+                                    "--port", "8125"))
+    assert (pre.strategy.value, pre.transport.value, pre.attention) == ("two_a2a", "a2a", "tp")
+    assert "tp_two_a2a has the lowest modelled step among the TP strategies" in pre.why
 
 
 def test_speculative_takes_the_predictor_the_placement_names(tmp_path):
