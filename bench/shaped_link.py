@@ -61,11 +61,14 @@ class Config:
     strategy: str
     transport: str | None   # None: serve's default (a2a); the flag is not passed
     solved: bool            # the two-node placement (else contiguous)
+    attention: str | None = None   # "tp": --attention tp (tp_two_a2a / tp_speculative)
 
     def argv(self, placement: Path) -> list[str]:
         argv = ["--strategy", self.strategy]
         if self.transport:
             argv += ["--transport", self.transport]
+        if self.attention:
+            argv += ["--attention", self.attention]
         return argv + (["--placement", str(placement)] if self.solved else [])
 
 
@@ -73,7 +76,9 @@ BASELINE = Config("two_a2a+contiguous", "two_a2a", None, False)
 CONFIGS = (BASELINE, Config("two_a2a+solved", "two_a2a", None, True),
            Config("node_aware+solved", "two_a2a", "node_aware", True), Config("fixed+solved", "two_a2a", "fixed", True),
            Config("coherent+solved", "coherent", None, True), Config("speculative+solved", "speculative", None, True),
-           Config("auto+solved", "auto", "auto", True))
+           Config("auto+solved", "auto", "auto", True),
+           Config("tp_two_a2a+solved", "two_a2a", None, True, "tp"),
+           Config("tp_speculative+solved", "speculative", None, True, "tp"))
 
 
 # ---- what `epserve serve` offers today ----------------------------------------------------------------------
@@ -268,6 +273,8 @@ def predicted_step(model: Model, cfg: Config, rate_bit_s: int, args, *, unshaped
     tokens. Returns ({step_ms, inter_node_bytes_per_step, bottleneck}, "") or (None, why not); never raises."""
     if cfg.strategy == "auto":
         return None, "auto: see the config it picks"
+    if cfg.attention == "tp":
+        return None, "TP attention: modelled by bench/tp_bench.py (placement/cost_model_tp.py), not here"
     if not unshaped_step_ms or not steps:
         return None, "no unshaped baseline step or no step count to calibrate with"
     try:
