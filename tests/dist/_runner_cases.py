@@ -6,6 +6,7 @@ logits, counters and what it loaded; rank 0 also returns the recorded routing tr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 import tempfile
 from pathlib import Path
@@ -99,6 +100,12 @@ def reference(ckpt: Path, prompts, max_new_tokens: int, dtype: str = "float32"):
         logits_SV = model.forward_full(torch.tensor([full]))[0]
         logits.append([logits_SV[len(p) - 1 + i].float().numpy() for i in range(len(new))])
     return tokens, logits
+
+
+@functools.lru_cache(maxsize=None)
+def reference_tokens(ckpt: Path, prompts: tuple, max_new_tokens: int, dtype: str = "float32") -> list[list[int]]:
+    """The one-process greedy tokens (``reference``'s), computed once per argument set in a session."""
+    return reference(ckpt, prompts, max_new_tokens, dtype)[0]
 
 
 def reference_routing(ckpt: Path, seqs) -> tuple[list[np.ndarray], list[np.ndarray]]:

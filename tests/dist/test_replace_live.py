@@ -21,7 +21,7 @@ from placement.placement import contiguous_placement
 from placement.transport import Transport
 from tests.dist._replace_cases import (NEW, PROMPTS, ReplaceCase, cluster_of, expected_sent_rows, permuted,
                                        run_replace_cases, with_replicas)
-from tests.dist._runner_cases import reference
+from tests.dist._runner_cases import reference_tokens
 
 GPUS_PER_NODE = {2: 2, 4: 2}
 
@@ -67,14 +67,11 @@ def replace_runs(tiny_checkpoint):
 @pytest.mark.parametrize("G", [2, 4])
 def test_swaps_mid_generation_keep_every_token(replace_runs, G):
     cases, per_rank = replace_runs(G)
-    refs = {}
     for i, case in enumerate(cases):
-        key = (case.ckpt, case.dtype)
-        if key not in refs:
-            refs[key] = reference(case.ckpt, PROMPTS, NEW, case.dtype)[0]
+        want = reference_tokens(case.ckpt, PROMPTS, NEW, case.dtype)
         for r in range(G):
             res = per_rank[r][i]
-            assert res["tokens"] == refs[key], f"{case.name}: rank {r}"
+            assert res["tokens"] == want, f"{case.name}: rank {r}"
             # the swaps ran while sequences were decoding, not on idle steps
             assert len(res["busy_steps"]) >= 4, (case.name, res["steps"])
 

@@ -13,7 +13,7 @@ from comm.spawn import spawn_ranks
 from epserve.model.config import ModelConfig
 from placement.transport import Transport
 from comm.strategy import Strategy
-from tests.dist._runner_cases import build_predictor, reference, replicated_placement, solved_placement
+from tests.dist._runner_cases import build_predictor, reference_tokens, replicated_placement, solved_placement
 from tests.dist._tp_cases import NEW, PROMPTS, TPCase, run_tp_cases
 
 GPUS_PER_NODE = {1: 1, 2: 2, 4: 2}
@@ -54,13 +54,10 @@ def tp_runs(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("G", [1, 2, 4])
 def test_tp_attention_gives_the_one_process_tokens(tp_runs, G):
     cases, per_rank = tp_runs(G)
-    refs = {}
     for i, case in enumerate(cases):
-        key = (case.ckpt, case.dtype)
-        if key not in refs:
-            refs[key] = reference(case.ckpt, PROMPTS, NEW, case.dtype)[0]
+        want = reference_tokens(case.ckpt, PROMPTS, NEW, case.dtype)
         for r in range(G):
-            assert per_rank[r][i]["tokens"] == refs[key], f"{case.name}: rank {r}"
+            assert per_rank[r][i]["tokens"] == want, f"{case.name}: rank {r}"
 
 
 @pytest.mark.dist
