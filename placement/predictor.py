@@ -169,21 +169,32 @@ class SpeculativePredictor:
         every id unknown (the n-gram table alone; layer 0 gets -1)."""
         T, L = top1_rank_TL.shape
         idx, known = self._token_lookup(np.full(T, -1) if token_ids_T is None else token_ids_T)
-        min_c, min_s = self.options.min_confidence, self.options.min_support
-        rank_TL = np.full((T, L), -1, dtype=np.int64)
-        conf_TL = np.full((T, L), -1.0)
-        ok_TL = np.zeros((T, L), dtype=bool)
-        rank_TL[known] = self.token_rank_LV[:, idx[known]].T
-        conf_TL[known] = self.token_conf_LV[:, idx[known]].T
-        ok_TL[known] = (self.support_V[idx[known]] >= min_s)[:, None]
-        conf_TL = np.where(ok_TL, conf_TL, -1.0)
-        for l in range(1, L):
+        columns = [self._predict_layer(idx, known, top1_rank_TL, l) for l in range(L)]
+        rank_TL = np.stack([r for r, _ in columns], axis=1) if L else np.full((T, 0), -1, dtype=np.int64)
+        conf_TL = np.stack([c for _, c in columns], axis=1) if L else np.full((T, 0), -1.0)
+        return rank_TL, conf_TL >= self.options.min_confidence
+
+    def predict_layer(self, token_ids_T: np.ndarray | None, top1_rank_TL: np.ndarray, layer: int) -> np.ndarray:
+        """``predict_ranks``' column ``layer`` alone (rank_T; -1: no prediction): what the TP runtime asks once per
+        MoE layer, with only the previous layers of ``top1_rank_TL`` known."""
+        T = top1_rank_TL.shape[0]
+        idx, known = self._token_lookup(np.full(T, -1) if token_ids_T is None else token_ids_T)
+        return self._predict_layer(idx, known, top1_rank_TL, layer)[0]
+
+    def _predict_layer(self, idx: np.ndarray, known: np.ndarray, top1_rank_TL: np.ndarray, l: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(rank_T, conf_T) at layer ``l``: the token table's answer, replaced by the n-gram's when more confident."""
+        T, min_s = len(idx), self.options.min_support
+        rank_T, conf_T = np.full(T, -1, dtype=np.int64), np.full(T, -1.0)
+        rank_T[known] = self.token_rank_LV[l, idx[known]]
+        conf_T[known] = np.where(self.support_V[idx[known]] >= min_s, self.token_conf_LV[l, idx[known]], -1.0)
+        if l >= 1:
             ctx_T = _context(top1_rank_TL, l, self.num_gpus, self.options.order)
             n_conf = np.where(self.ngram_support_LX[l, ctx_T] >= min_s, self.ngram_conf_LX[l, ctx_T], -1.0)
-            better = n_conf > conf_TL[:, l]
-            rank_TL[better, l] = self.ngram_rank_LX[l, ctx_T[better]]
-            conf_TL[:, l] = np.maximum(conf_TL[:, l], n_conf)
-        return rank_TL, conf_TL >= min_c
+            better = n_conf > conf_T
+            rank_T[better] = self.ngram_rank_LX[l, ctx_T[better]]
+            conf_T = np.maximum(conf_T, n_conf)
+        return rank_T, conf_T
 
     def predict_home_rank(self, prompt_token_ids, default: int = 0) -> int:
         """The rank a prompt's tokens are predicted to use most over all MoE layers (ties to the lowest rank);

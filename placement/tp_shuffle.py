@@ -7,9 +7,10 @@ chunking is a pure function of step metadata, so every rank computes the same on
 
     contiguous_chunks (tp_two_a2a, DeepSpeed-MoE with TP attention): token t on rank t // C.
     balanced_chunks   (tp_speculative, Speculative MoE's s-TS): token t on the rank predicted to hold its experts
-                      while that rank has room (C rows); the rest (no prediction, or their rank full) fill the
-                      free rows, each on the first rank with room at or after its predicted one (cyclically; rank 0
-                      without a prediction), tokens in index order.
+                      while that rank holds fewer than the cap ceil(factor x T / G) rows; C is then the fullest
+                      rank's rows (at least ceil(T / G): padding only as far as the predictions are skewed); the
+                      rest (no prediction, or their rank full) fill the free rows, each on the first rank with room
+                      at or after its predicted one (cyclically; rank 0 without a prediction), in index order.
 
 Output: ``order_GC`` int64 [G, C]: the step token in row c of rank g's chunk, -1 for padding; each rank's row
 ascending (the dispatcher wants held tokens ascending).
@@ -41,21 +42,24 @@ def contiguous_chunks(num_tokens: int, world_size: int) -> np.ndarray:
 
 def balanced_chunks(pred_rank_T: np.ndarray, world_size: int, *, capacity_factor: float = 1.0) -> np.ndarray:
     """int64 [G, C] as contiguous_chunks, each token on its predicted rank (-1: none) while room lasts.
-    ``capacity_factor`` >= 1: rows per rank C = ceil(factor x T / G) (more room for predictions, more padding in
-    the reduce-scatter and all-gather)."""
+    ``capacity_factor`` >= 1: a rank takes at most ceil(factor x T / G) predicted tokens (room for a skewed batch);
+    C = the fullest rank's rows, never less than ceil(T / G): the padding the reduce-scatter and all-gather carry
+    is what the skew needs, not the cap."""
     pred_T = np.asarray(pred_rank_T, dtype=np.int64)
     T, G = len(pred_T), world_size
     if capacity_factor < 1:
         raise ValueError(f"capacity_factor must be >= 1, got {capacity_factor}")
-    C = min(T, chunk_rows(int(np.ceil(capacity_factor * T)), G)) if T else 1
+    cap = min(T, chunk_rows(int(np.ceil(capacity_factor * T)), G)) if T else 1
     if len(pred_T) and (pred_T.max() >= G or pred_T.min() < -1):
         raise ValueError(f"predicted ranks must be in [-1, {G}), got {pred_T.min()}..{pred_T.max()}")
     rank_T = np.full(T, -1, dtype=np.int64)
-    free_G = np.full(G, C, dtype=np.int64)
-    for t in range(T):                       # predicted ranks first, while they have room
+    load_G = np.zeros(G, dtype=np.int64)
+    for t in range(T):                       # predicted ranks first, while they are under the cap
         g = pred_T[t]
-        if g >= 0 and free_G[g]:
-            rank_T[t], free_G[g] = g, free_G[g] - 1
+        if g >= 0 and load_G[g] < cap:
+            rank_T[t], load_G[g] = g, load_G[g] + 1
+    C = max(chunk_rows(T, G), int(load_G.max()))
+    free_G = C - load_G
     for t in np.flatnonzero(rank_T < 0):     # the rest: the first rank with room at or after the predicted one
         start = max(pred_T[t], 0)
         for k in range(G):

@@ -59,8 +59,8 @@ class TPRunner(Runner):
         T, G = batch.num_tokens, self.topology.world_size
         if m is None or self.shuffle_predictor is None:
             return contiguous_chunks(T, G)
-        rank_TL, _ = self.shuffle_predictor.predict_ranks(batch.token_T, attempt.tp_top1_rank_TL)   # host, metadata
-        return balanced_chunks(rank_TL[:, m], G, capacity_factor=self.capacity_factor)
+        rank_T = self.shuffle_predictor.predict_layer(batch.token_T, attempt.tp_top1_rank_TL, m)   # host metadata
+        return balanced_chunks(rank_T, G, capacity_factor=self.capacity_factor)
 
     def _layer(self, layer, batch: StepBatch, held: _Held, slot_T: torch.Tensor, attempt: _Attempt) -> _Held:
         m, dev = layer.moe_index, self.topology.device
