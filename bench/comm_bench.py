@@ -10,7 +10,7 @@
        predictor accuracy)
     C. spawn G ranks again --> DeepSpeed-MoE (deepspeed.moe.layer.MoE) vs our dispatchers on ONE MoE layer
        with the same weights, gate and 64-token batch; outputs compared
-    --> bench/results/comm_bench.json + comm_bench.md (ratios against two_a2a + contiguous of the same run)
+    --> OUT/comm_bench.json + comm_bench.md (ratios against two_a2a + contiguous of the same run)
 
     --family deepseek_v3: A only, on a DeepSeek-V3-family checkpoint with the same MoE dimensions (8 MoE layers,
        64 routed experts, top-6, hidden 256; + 1 shared expert, no dense layer) whose MLA K/V row is one latent
@@ -19,8 +19,7 @@
        B is skipped (the Mixtral top-2 predictor study), C too (DeepSpeed-MoE's softmax gate is not DeepSeek's
        sigmoid group-limited router) --> bench/results/comm_bench_deepseek_v3.json + .md
 
-Run:  nice -n 10 python bench/comm_bench.py [--world-size 4] [--repeats 5] [--no-deepspeed]
-                                            [--family {mixtral,deepseek_v3}]
+Run:  nice -n 10 python bench/comm_bench.py [--world-size 4] [--repeats 5] [--no-deepspeed] [--family deepseek_v3]
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ from comm.strategy import Strategy  # noqa: E402
 from epserve.engine.builder import build_runner  # noqa: E402
 from epserve.engine.plan import SeqWork, StepPlan  # noqa: E402
 from epserve.model.config import ModelConfig  # noqa: E402
+from epserve.training.tiny_models import make_tiny_checkpoint  # noqa: E402
 from placement.cluster import ClusterShape  # noqa: E402
 from placement.placement import Placement, contiguous_placement  # noqa: E402
 from placement.trace import RoutingTrace  # noqa: E402
@@ -92,7 +92,6 @@ class Spec:
 
 
 def build_checkpoint(out: Path, model: dict, family: str = "mixtral") -> Path:
-    from epserve.training.tiny_models import make_tiny_checkpoint
     key = f"{family}-" + "-".join(f"{k}{v}" for k, v in sorted(model.items()))
     if len(key) > 200:   # a file name holds 255 bytes: the DeepSeek key is hashed
         key = f"{family}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
