@@ -42,24 +42,14 @@ import torch  # noqa: E402
 from epserve.engine.kv_cache import BlockLedger, KVCacheConfig, PagedKVCache  # noqa: E402
 from epserve.engine.paged_attention import GatherScratch, build_context, paged_attention  # noqa: E402
 from epserve.model.config import ModelConfig  # noqa: E402
+from epserve.model.layers import attend  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "epserve" / "assets" / "default_model"
 BLOCK = 16
 TARGET_RATIO = 4.5   # 4k / 1k per-layer time: linear in context would be 4
 
 
-# ---- the previous implementation (runner._key_spans + KVStore.key_index + layers.attend), kept as it was -------
-def _prev_attend(q_THd, k_SHkvd, v_SHkvd, q_positions_T, k_positions_S, q_seq_T, k_seq_S):
-    H, Hkv, d = q_THd.shape[1], k_SHkvd.shape[1], q_THd.shape[2]
-    k_SHd = k_SHkvd.repeat_interleave(H // Hkv, dim=1)
-    v_SHd = v_SHkvd.repeat_interleave(H // Hkv, dim=1)
-    scores_HTS = torch.einsum("thd,shd->hts", q_THd, k_SHd) * d ** -0.5
-    allowed_TS = (q_seq_T[:, None] == k_seq_S[None, :]) & (k_positions_S[None, :] <= q_positions_T[:, None])
-    scores_HTS = scores_HTS.masked_fill(~allowed_TS[None], float("-inf"))
-    probs_HTS = torch.softmax(scores_HTS, dim=-1, dtype=torch.float32).to(q_THd.dtype)
-    return torch.einsum("hts,shd->thd", probs_HTS, v_SHd)
-
-
+# ---- the previous implementation (runner._key_spans + KVStore.key_index + layers.attend over every key) ----
 def _prev_prefix_slots(ledger: BlockLedger, seq_U: list[int], upto_U: list[int]):
     tables_UB = torch.nn.utils.rnn.pad_sequence([ledger.table(s) for s in seq_U], batch_first=True)
     upto_U_t = torch.tensor(upto_U, dtype=torch.long)
@@ -77,7 +67,7 @@ def previous_layer(cache: PagedKVCache, layer: int, q_NHd, seq_N: torch.Tensor, 
     slots_S, pos_S, u_S = _prev_prefix_slots(cache.ledger, seq_U, upto_U)
     kseq_S = torch.tensor(seq_U, dtype=torch.long)[u_S]
     k_SHd, v_SHd = cache.read(layer, slots_S)
-    return _prev_attend(q_NHd, k_SHd, v_SHd, pos_N, pos_S, seq_N, kseq_S)
+    return attend(q_NHd, k_SHd, v_SHd, pos_N, pos_S, seq_N, kseq_S)
 
 
 # ---- the setup --------------------------------------------------------------------------------------------------
