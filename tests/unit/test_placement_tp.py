@@ -163,3 +163,14 @@ def test_cost_model_by_hand():
     two_nodes = Placement(TWO.expert_to_gpu_LE, ClusterShape(nodes=2, gpus_per_node=1))
     c2 = tp_step_time(simulate_tp(TOP1, two_nodes, strategy="tp_two_a2a", tokens_per_step=5, hidden_size=10), HW)
     assert c2.phase_s["rs"] * 1e6 == pytest.approx(2 * (10 + 1.2)) and c2.bottleneck == "inter_node"
+
+
+def test_balanced_chunks_by_hand():
+    from placement.tp_shuffle import balanced_chunks
+    pred = np.array([1, 1, 1, 0, -1, 1, 2])
+    # cap = C = 3: rank 1 takes tokens 0-2, rank 0 token 3, rank 2 token 6; 4 (no prediction) and 5 (rank 1 full)
+    # fill the free rows rank by rank: rank 0
+    assert balanced_chunks(pred, 3).tolist() == [[3, 4, 5], [0, 1, 2], [6, -1, -1]]
+    # factor 2: cap 5, so token 5 joins rank 1 and C = 4 (the fullest rank), not the cap
+    assert balanced_chunks(pred, 3, capacity_factor=2).tolist() == [[3, 4, -1, -1], [0, 1, 2, 5], [6, -1, -1, -1]]
+    assert balanced_chunks(np.array([3, 2, 1, 0]), 4, capacity_factor=2).tolist() == [[3], [2], [1], [0]]
