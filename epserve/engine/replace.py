@@ -118,6 +118,8 @@ class LiveReplacement:
         old = self.runner.placement
         check_replaceable(old, bundle.placement)
         self._new, self._staged = bundle, {}
+        # this rank's column of the new placement's copy rule, once per swap (every layer switch reads it)
+        self._choice_LE = torch.as_tensor(bundle.placement.copy_choice_LEG[:, :, self.runner.topology.rank])
         self.moved_bytes = 0
 
     def _swap_step(self, i: int) -> None:
@@ -165,8 +167,7 @@ class LiveReplacement:
 
     def _switch_tables(self, new: Placement, *, layers) -> None:
         """The dispatcher's copy choice, the policy's anchor rows and the live stats' table for ``layers``."""
-        runner, me = self.runner, self.runner.topology.rank
-        choice_LE = torch.as_tensor(new.copy_choice_LEG[:, :, me])
+        runner, choice_LE = self.runner, self._choice_LE
         policy, stats = runner.dispatcher.policy, runner.live_stats
         table = runner.dispatcher.expert_to_rank_LE
         if new.anchors is not None and policy.anchor_score_LEG is None:   # an all-zero row: the top-1 rule
