@@ -30,21 +30,24 @@ def tp_runs(tiny_checkpoint, tmp_path_factory):
     cases.append(TPCase("mixtral_top2/float32/fixed", models["mixtral_top2"], transport=Transport.FIXED))
     done = {}
 
+    def placed(G: int) -> list[TPCase]:
+        """tp_two_a2a on a replicated and a solved placement, tp_speculative on the solved one with a predictor
+        from the same routing (G > 1)."""
+        if G == 1:
+            return []
+        ckpt, tmp = models["mixtral_top2"], tmp_path_factory.mktemp(f"tp{G}")
+        placement = solved_placement(ckpt, G, GPUS_PER_NODE[G])
+        cfg = ModelConfig.from_dir(ckpt)
+        replicated = replicated_placement(cfg.num_moe_layers, cfg.num_experts, G, GPUS_PER_NODE[G], seed=G)
+        return [TPCase("mixtral_top2/replicated/tp_two_a2a", ckpt, placement=replicated),
+                TPCase("mixtral_top2/solved/tp_two_a2a", ckpt, placement=placement),
+                TPCase("mixtral_top2/solved/tp_speculative", ckpt, strategy=Strategy.SPECULATIVE, placement=placement,
+                       predictor_path=build_predictor(ckpt, placement, tmp / "predictor.npz"))]
+
     def get(G: int):
         if G not in done:
-            if G > 1:   # tp_two_a2a vs tp_speculative on one solved placement, the predictor from the same routing
-                ckpt, tmp = models["mixtral_top2"], tmp_path_factory.mktemp(f"tp{G}")
-                placement = solved_placement(ckpt, G, GPUS_PER_NODE[G])
-                predictor = build_predictor(ckpt, placement, tmp / "predictor.npz")
-                cfg = ModelConfig.from_dir(ckpt)
-                replicated = replicated_placement(cfg.num_moe_layers, cfg.num_experts, G, GPUS_PER_NODE[G], seed=G)
-                cases.extend([TPCase("mixtral_top2/replicated/tp_two_a2a", ckpt, placement=replicated),
-                              TPCase("mixtral_top2/solved/tp_two_a2a", ckpt, placement=placement),
-                              TPCase("mixtral_top2/solved/tp_speculative", ckpt, strategy=Strategy.SPECULATIVE,
-                                     placement=placement, predictor_path=predictor)])
-            done[G] = (list(cases), spawn_ranks(run_tp_cases, G, (cases,), gpus_per_node=GPUS_PER_NODE[G],
-                                                timeout_s=300))
-            del cases[len(cases) - (3 if G > 1 else 0):]
+            mine = cases + placed(G)
+            done[G] = (mine, spawn_ranks(run_tp_cases, G, (mine,), gpus_per_node=GPUS_PER_NODE[G], timeout_s=300))
         return done[G]
 
     return get
